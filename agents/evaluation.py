@@ -1,0 +1,133 @@
+"""Batched success-rate evaluation of a `DTAgent` over many tasks at once.
+
+All episodes of all tasks run as one synchronous vector env (`envs.make_vec_env`, one env
+per episode: env `i` runs `tasks[i // n_episodes]` with seed `seed + i`). Every step the
+agent's `RolloutContext` does one model forward for the whole batch; when the model holds
+task adapters, envs are grouped by the adapter their task uses and each group gets one
+forward per step (adapters are switched per module, not per sample). Per env the
+return-to-go follows RTG <- min(RTG - r / scale, target / scale); an episode succeeds if
+`info["success"]` was true at any of its steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from agents.dt_agent import DTAgent
+from envs import final_step_infos, make_vec_env, resolve_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(names))  # CW20 repeats CW10: evaluate each task once
+
+
+def evaluate(
+    agent: DTAgent,
+    tasks: str | Sequence[str],
+    n_episodes: int = 10,
+    seed: int = 0,
+    max_episode_steps: int = 200,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Success rate, mean return and mean episode length of `agent` on each task.
+
+    `tasks` is anything `envs.resolve_tasks` accepts (suite name, names, comma list);
+    repeated tasks are evaluated once. Returns, per resolved task name, a JSON-able dict:
+    ``success_rate``, ``mean_return``, ``mean_length``, ``n_episodes``, ``seeds`` (the env
+    seeds of its episodes), ``target_return``, ``adapter`` (None = base model) and the
+    per-episode lists ``successes``, ``returns``, ``lengths``.
+    """
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    names = _unique(resolve_tasks(tasks))
+    for task in names:
+        agent.target_return(task)  # a clear error for a task the agent has no target for
+    env_tasks = [task for task in names for _ in range(n_episodes)]
+    seeds = [seed + i for i in range(len(env_tasks))]
+    venv = make_vec_env(names, n_envs=n_episodes, seed=seed, max_episode_steps=max_episode_steps)
+    try:
+        episodes = run_episodes(agent, venv, env_tasks, progress=progress)
+    finally:
+        venv.close()
+    results: dict[str, dict[str, Any]] = {}
+    for task in names:
+        rows = [i for i, t in enumerate(env_tasks) if t == task]
+        succ, ret, length = (episodes[k][rows] for k in ("successes", "returns", "lengths"))
+        results[task] = {
+            "success_rate": float(succ.mean()),
+            "mean_return": float(ret.mean()),
+            "mean_length": float(length.mean()),
+            "n_episodes": len(rows),
+            "seeds": [seeds[i] for i in rows],
+            "target_return": agent.target_return(task),
+            "adapter": agent.adapter_for(task),
+            "successes": [bool(x) for x in succ],
+            "returns": [float(x) for x in ret],
+            "lengths": [int(x) for x in length],
+        }
+    return results
+
+
+def run_episodes(
+    agent: DTAgent,
+    venv: gym.vector.VectorEnv,
+    env_tasks: Sequence[str],
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
+
+    Returns per env ``successes`` (bool), ``returns`` (float64) and ``lengths`` (int64).
+    `venv` must be freshly made (its first reset starts the seeded episodes).
+    """
+    n = venv.num_envs
+    if len(env_tasks) != n:
+        raise ValueError(f"{len(env_tasks)} tasks given for a vector env of {n} envs")
+    obs_shape = venv.single_observation_space.shape
+    if obs_shape != (agent.config.state_dim,):
+        raise ValueError(
+            f"the envs' observations have shape {obs_shape} but the model's state_dim is "
+            f"{agent.config.state_dim}: this model was trained for other observations"
+        )
+    targets = np.array([agent.target_return(t) for t in env_tasks], dtype=np.float32)
+    groups: dict[str | None, np.ndarray] = {}
+    adapters = [agent.adapter_for(t) for t in env_tasks]
+    for name in dict.fromkeys(adapters):
+        groups[name] = np.array([i for i, a in enumerate(adapters) if a == name])
+    ctx = agent.new_context(n, targets)
+    successes = np.zeros(n, dtype=bool)
+    returns = np.zeros(n, dtype=np.float64)
+    lengths = np.zeros(n, dtype=np.int64)
+    running = np.ones(n, dtype=bool)
+    actions = np.zeros((n, agent.config.act_dim), dtype=np.float32)
+    obs, _ = venv.reset()
+    bar = tqdm(desc="evaluate", unit="step", disable=not progress, leave=False)
+    try:
+        while running.any():
+            ctx.push_observations(obs)
+            for name, rows in groups.items():
+                agent.use_adapter(name)
+                actions[rows] = ctx.next_actions(rows if len(groups) > 1 else None).cpu().numpy()
+            obs, rewards, terminated, truncated, infos = venv.step(actions)
+            ctx.push_rewards(rewards)
+            ended = (terminated | truncated) & running
+            step_success = np.asarray(infos.get("success", np.zeros(n)), dtype=bool)
+            step_success &= np.asarray(infos.get("_success", np.ones(n)), dtype=bool)
+            for i, info in final_step_infos(infos, ended).items():
+                step_success[i] = bool(info.get("success", False) or info.get("is_success", False))
+            successes |= step_success & running
+            returns[running] += rewards[running]
+            lengths[running] += 1
+            running &= ~ended
+            bar.update(1)
+    finally:
+        bar.close()
+        agent.use_adapter(agent.adapter_for(agent.task) if agent.task else None)
+    return {"successes": successes, "returns": returns, "lengths": lengths}

@@ -1,0 +1,328 @@
+"""Fine-tuning protocols over a task sequence: ``single`` and ``sequential``; resumable.
+
+- ``single`` (the EVA paper's Table 23): every task fine-tuned from the same pretrained DT,
+  one adapter each, evaluated on its own task.
+- ``sequential`` (continual): the tasks in order; adapter methods add one adapter per task
+  on the frozen base (EVA-initialised on that task's data where the method says so) and the
+  task identity selects the adapter at evaluation; ``fft`` trains one model through the
+  sequence. After each task every task is evaluated: row ``i`` of the success matrix.
+
+Run directory::
+
+    OUT/config.json                                   the experiment (checked on --resume)
+    OUT/runs/<method>/seed_<s>/<ii>_<task>/record.json  written last: the task is finished
+                                          .../train/  the Trainer's checkpoints + tensorboard
+                                          .../eva/    the EVA result (reused on resume)
+                                          .../adapter/ or model.safetensors (sequential fft)
+    OUT/results.json, results.csv, report.md, plots/, tb/
+
+Resuming runs every (method, seed) again: finished tasks are read back (their adapters /
+weights reloaded), a task in progress continues from its latest Trainer checkpoint, and the
+result equals an uninterrupted run's on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.dt_agent import DTAgent
+from agents.evaluation import evaluate
+from agents.finetune import FinetuneConfig, StepHook, eval_seed, finetune_task
+from agents.methods import Method, get_method, parse_methods
+from agents.reports import empty_results, write_json, write_report
+from envs import resolve_tasks
+from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
+from eva_rl.data import TrajectoryDataset, open_datasets
+from eva_rl.training import load_weights, read_run_config, resolve_device, save_weights
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("single", "sequential")
+EXPERIMENT_FORMAT = "eva-rl-finetune"
+EXPERIMENT_VERSION = 1
+RECORD_FILE = "record.json"
+# settings that may differ between an interrupted run and its resumption
+_RESUMABLE = {"progress", "device"}
+
+
+@dataclass
+class Experiment:
+    """One fine-tuning experiment: a pretrained run, data, tasks, methods, seeds, protocol."""
+
+    pretrained: str
+    """Pretraining run directory (what `DTAgent.load` reads)."""
+    data: str
+    """Dataset root holding ``<task>/`` for every task."""
+    tasks: tuple[str, ...]
+    """Training order (resolved ``-v3`` names; a suite may repeat tasks, e.g. CW20)."""
+    methods: tuple[str, ...]
+    """Method names (see `agents.methods.METHODS`)."""
+    seeds: tuple[int, ...] = (0,)
+    """One run per seed and method."""
+    protocol: str = "single"
+    """``single`` | ``sequential``."""
+    config: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    """Fine-tuning settings."""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        self.tasks = resolve_tasks(self.tasks)
+        if not self.tasks:
+            raise ValueError("no tasks given")
+        self.methods = tuple(m.name for m in parse_methods(self.methods))
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
+        if self.protocol == "single" and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("the single protocol trains each task once; drop the repeats")
+        self.pretrained, self.data = str(self.pretrained), str(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy."""
+        return {"pretrained": self.pretrained, "data": self.data, "tasks": list(self.tasks),
+                "methods": list(self.methods), "seeds": list(self.seeds),
+                "protocol": self.protocol, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
+        """Inverse of ``to_dict``."""
+        return cls(**{**d, "config": FinetuneConfig.from_dict(d["config"])})
+
+
+def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
+    """Validate the pretrained run and the data before anything is written.
+
+    Returns the task datasets. Raises ``ValueError`` (one line) for a pretrained run that
+    is missing or whose dimensions do not match the data, or for missing task data."""
+    cfg = read_run_config(exp.pretrained)  # CheckpointError (a ValueError) if unusable
+    model = cfg["model"]
+    if not (Path(exp.pretrained) / "model.safetensors").is_file():
+        raise ValueError(f"{exp.pretrained}: no model.safetensors (pretraining unfinished?)")
+    datasets = open_datasets(exp.data, dict.fromkeys(exp.tasks))  # DatasetError names the dir
+    for task, ds in datasets.items():
+        if (ds.obs_dim, ds.act_dim) != (model["state_dim"], model["act_dim"]):
+            raise ValueError(
+                f"data for {task} has observation/action dims ({ds.obs_dim}, {ds.act_dim}) but "
+                f"the pretrained model {exp.pretrained} expects ({model['state_dim']}, "
+                f"{model['act_dim']})")
+    horizon = exp.config.max_episode_steps
+    if horizon > model["max_ep_len"]:
+        raise ValueError(f"max_episode_steps={horizon} exceeds the pretrained model's "
+                         f"max_ep_len={model['max_ep_len']}")
+    for name in exp.methods:
+        method = get_method(name)
+        if method.eva and exp.config.rank * exp.config.rho < 1:
+            raise ValueError(f"{name}: rank * rho must be >= 1")
+    return datasets
+
+
+def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = False,
+                    overwrite: bool = False) -> Path | None:
+    """Create (or check, with ``resume``) the run directory; returns where an old run moved.
+
+    An existing non-empty directory needs ``resume`` (same settings) or ``overwrite``,
+    which moves the old run aside to ``OUT.old-<UTC time>`` (nothing is deleted)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    moved = None
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and resume:
+        check_same_experiment(out, exp)
+        return None
+    if occupied and not overwrite:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
+                              "--overwrite to move it aside and start again")
+    if resume and not occupied:
+        logger.info("%s holds no run yet: starting one", out)
+    if occupied:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        moved = out.with_name(f"{out.name}.old-{stamp}")
+        os.replace(out, moved)
+        logger.warning("moved the existing run %s aside to %s", out, moved)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"format": EXPERIMENT_FORMAT, "version": EXPERIMENT_VERSION,
+                                     "experiment": exp.to_dict()})
+    return moved
+
+
+def check_same_experiment(out: Path, exp: Experiment) -> None:
+    """``--resume`` must continue the same experiment: a one-line error naming differences."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the run's config ({e})") from None
+    if saved.get("format") != EXPERIMENT_FORMAT:
+        raise ValueError(f"{out} is not a fine-tuning run directory ({path} has another format)")
+    old, new = saved["experiment"], exp.to_dict()
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+             if k != "config" and old.get(k) != v]
+    diffs += [f"{k}: {old['config'].get(k)!r} -> {v!r}" for k, v in new["config"].items()
+              if k not in _RESUMABLE and old["config"].get(k) != v]
+    if diffs:
+        raise ValueError(f"{out} was started with other settings ({'; '.join(diffs)}); "
+                         "resume with the same options or use --overwrite / a new --out")
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    """Where one (method, seed) run keeps its tasks."""
+    return out / "runs" / method / f"seed_{seed}"
+
+
+def task_dir_of(run_dir: Path, index: int, task: str) -> Path:
+    """Directory of task ``index`` of a run."""
+    return run_dir / f"{index:02d}_{task}"
+
+
+def read_record(task_dir: Path) -> dict[str, Any] | None:
+    """The finished task's record, or None if the task has not finished."""
+    path = task_dir / RECORD_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False,
+                   overwrite: bool = False, hook: StepHook | None = None,
+                   report: bool = True) -> dict[str, Any]:
+    """Run (or continue) every method x seed of ``exp``; returns the results dict.
+
+    ``hook(task, step)`` runs before every training update (raise from it to interrupt).
+    ``results.json`` is rewritten after every finished task; the full report (CSV,
+    report.md, plots, tensorboard) is written at the end when ``report``.
+    """
+    out = Path(out)
+    datasets = check_inputs(exp)
+    prepare_run_dir(out, exp, resume=resume, overwrite=overwrite)
+    for method_name in exp.methods:
+        method = get_method(method_name)
+        for seed in exp.seeds:
+            run = run_dir_of(out, method.name, seed)
+            logger.info("%s: %s seed %d", exp.protocol, method.name, seed)
+            if exp.protocol == "single":
+                run_single(exp, datasets, method, seed, run, out, hook)
+            else:
+                run_sequential(exp, datasets, method, seed, run, out, hook)
+    results = collect_results(out, exp)
+    if report:
+        write_report(results, out)
+    return results
+
+
+def load_agent(exp: Experiment, datasets: Mapping[str, TrajectoryDataset]) -> DTAgent:
+    """The pretrained agent, with a target return for every task (its dataset's maximum)."""
+    agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.device))
+    for task, ds in datasets.items():
+        agent.target_returns.setdefault(task, float(ds.episode_returns.max()))
+    return agent
+
+
+def run_single(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
+               seed: int, run: Path, out: Path, hook: StepHook | None = None) -> None:
+    """Every task from the same pretrained model; its adapter saved in ``<task>/adapter``."""
+    for i, task in enumerate(exp.tasks):
+        tdir = task_dir_of(run, i, task)
+        if read_record(tdir) is not None:
+            continue
+        agent = load_agent(exp, datasets)
+        record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
+                               index=i, hook=hook)
+        _save_state(agent, method, task, tdir)
+        write_json(tdir / RECORD_FILE, record)
+        write_json(out / "results.json", collect_results(out, exp))
+
+
+def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
+                   seed: int, run: Path, out: Path, hook: StepHook | None = None) -> None:
+    """The tasks in order on one agent; a success-matrix row after each task."""
+    agent = load_agent(exp, datasets)
+    for i, task in enumerate(exp.tasks):
+        tdir = task_dir_of(run, i, task)
+        if read_record(tdir) is not None:
+            _restore_state(agent, method, task, tdir)
+            continue
+        record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
+                               index=i, hook=hook)
+        _save_state(agent, method, task, tdir)
+        row = evaluate(agent, list(dict.fromkeys(exp.tasks)), n_episodes=exp.config.eval_episodes,
+                       seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
+                       progress=exp.config.progress)
+        record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
+        record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
+        write_json(tdir / RECORD_FILE, record)
+        write_json(out / "results.json", collect_results(out, exp))
+
+
+def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
+    """What the next task (or a user) needs of a finished one: its adapter or the weights."""
+    if method.is_full:
+        save_weights(agent.model, tdir / "model.safetensors")
+    else:
+        save_adapter(agent.model, task, tdir / "adapter", overwrite=True)
+
+
+def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
+    """Bring the model to where it was after the finished task ``tdir``."""
+    if method.is_full:
+        load_weights(agent.model, tdir / "model.safetensors")
+    else:
+        if task in agent.adapter_names:  # a repeated task (CW20): its adapter trained on
+            delete_adapter(agent.model, task)
+        load_adapter(agent.model, tdir / "adapter", name=task)
+
+
+def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:
+    """The results dict (see `agents.reports`) from the finished task records on disk."""
+    out = Path(out)
+    results = empty_results({"experiment": exp.to_dict()})
+    for method in exp.methods:
+        for seed in exp.seeds:
+            run = run_dir_of(out, method, seed)
+            records = []
+            for i, task in enumerate(exp.tasks):
+                rec = read_record(task_dir_of(run, i, task))
+                if rec is None:
+                    break
+                records.append(rec)
+            matrix = returns = None
+            if exp.protocol == "sequential":
+                matrix = [rec["success_row"] for rec in records]
+                returns = [rec["return_row"] for rec in records]
+            results["runs"].append({
+                "protocol": exp.protocol, "method": method, "seed": seed,
+                "tasks": list(exp.tasks), "per_task": records, "success_matrix": matrix,
+                "return_matrix": returns, "config": exp.config.to_dict(),
+            })
+    return results
+
+
+def summarize_experiment(results: Mapping[str, Any]) -> str:
+    """A one-line status: finished tasks out of all."""
+    done = sum(len(r["per_task"]) for r in results["runs"])
+    total = sum(len(r["tasks"]) for r in results["runs"])
+    return f"{done}/{total} task runs finished"
+
+
+def parse_seeds(spec: str | Sequence[int]) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; a clear error for anything else."""
+    if not isinstance(spec, str):
+        return tuple(int(s) for s in spec)
+    try:
+        return tuple(int(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"seeds must be a comma list of integers, got {spec!r}") from None

@@ -1,0 +1,183 @@
+"""Adapter variants as small strategy objects: how to initialise, run and merge one adapter.
+
+A variant holds no state; the tensors live in the `AdapterLinear`'s per-adapter dicts:
+
+- LoRA:  W_eff = W + s·B A                      (A Kaiming-uniform or given, B = 0)
+- DoRA:  W_eff = m ⊙ (W + s·B A) / ‖W + s·B A‖   (row norms, detached; m starts at the norm)
+- PiSSA / OLoRA: LoRA whose A, B come from the SVD / QR of W, plus a frozen offset
+  -s·B0 A0 kept in the adapter (`lora_offset_A/B`), so W_eff = W at init while the shared
+  base weight W stays untouched for every other task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from eva_rl.adapters.layer import AdapterLinear
+
+
+class LoraVariant:
+    """Plain LoRA (Hu et al. 2021): `y = base(x) + s · B A dropout(x)` (+ a frozen offset)."""
+
+    name = "lora"
+    accepts_given_A = True
+
+    def check_rank(self, path: str, rank: int, in_features: int, out_features: int) -> None:
+        """Raise `ValueError` if this variant cannot have `rank` on that layer."""
+
+    def init(
+        self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Initial tensors of a new adapter: `lora_A` (r, in), `lora_B` (out, r) = 0."""
+        w = layer.weight
+        if lora_A is None:
+            a = torch.empty(rank, layer.in_features, device=w.device, dtype=w.dtype)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's / PEFT's default
+        else:
+            a = lora_A.detach().to(device=w.device, dtype=w.dtype).clone()
+        b = torch.zeros(layer.out_features, rank, device=w.device, dtype=w.dtype)
+        return {"lora_A": a, "lora_B": b}
+
+    def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
+        """Output of the layer with adapter `name` active."""
+        result = layer.base_layer(x)
+        return result + layer.scaling[name] * _low_rank(layer, name, x)
+
+    def delta_weight(self, layer: AdapterLinear, name: str, weight: Tensor) -> Tensor:
+        """W_eff - W for the unmerged base weight `weight` (out, in)."""
+        scaling = layer.scaling[name]
+        delta = scaling * (layer.lora_B[name] @ layer.lora_A[name])
+        if name in layer.lora_offset_A:
+            delta = delta - scaling * (layer.lora_offset_B[name] @ layer.lora_offset_A[name])
+        return delta
+
+
+class DoraVariant(LoraVariant):
+    """DoRA (Liu et al. 2024): magnitude times the unit-row direction of W + s·B A.
+
+    The row norm is detached from the graph (DoRA paper, section 4.3) and computed without
+    the dense (out, in) delta: ‖W + sBA‖² = ‖W‖² + 2s⟨W A^T, B⟩ + s²⟨B (A A^T), B⟩ row-wise,
+    with ‖W‖² cached while W is unchanged. Same maths as PEFT's `DoraLinearLayer`.
+    """
+
+    name = "dora"
+
+    def init(
+        self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
+    ) -> dict[str, Tensor]:
+        """LoRA's tensors plus `lora_magnitude_vector` = row norms of W + s·B A (= ‖W‖)."""
+        state = super().init(layer, path, rank, scaling, lora_A)
+        state["lora_magnitude_vector"] = dora_weight_norm(
+            layer.weight, layer.base_row_sq_norm(), state["lora_A"], state["lora_B"], scaling
+        )
+        return state
+
+    def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
+        """`m/‖W + sBA‖ ⊙ (x W^T + s x A^T B^T) + bias`; bias is not rescaled (as in PEFT)."""
+        weight, bias = layer.weight, layer.base_layer.bias
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        scaling = layer.scaling[name]
+        norm = dora_weight_norm(weight, layer.base_row_sq_norm(), a, b, scaling)
+        mag_scale = layer.lora_magnitude_vector[name] / norm  # (out,), grad flows to m only
+        dropout = layer.lora_dropout[name]
+        if not (layer.training and isinstance(dropout, torch.nn.Dropout)):
+            # no dropout: one base matmul
+            lora = F.linear(F.linear(x, a), b)
+            result = mag_scale * (F.linear(x, weight) + scaling * lora)
+            return result if bias is None else result + bias
+        x_d = dropout(x)
+        lora = F.linear(F.linear(x_d, a), b)
+        # with dropout, PEFT's form: base(x) + (m/n - 1) ⊙ W dropout(x) + m/n ⊙ s·BA dropout(x)
+        return (
+            F.linear(x, weight, bias)
+            + (mag_scale - 1) * F.linear(x_d, weight)
+            + mag_scale * (scaling * lora)
+        )
+
+    def delta_weight(self, layer: AdapterLinear, name: str, weight: Tensor) -> Tensor:
+        """W_eff - W with W_eff = m/‖W + sBA‖ ⊙ (W + sBA) (rows)."""
+        direction = weight + super().delta_weight(layer, name, weight)
+        norm = torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+        return layer.lora_magnitude_vector[name][:, None] / norm * direction - weight
+
+
+class _WeightDrivenVariant(LoraVariant):
+    """LoRA initialised from a factorisation of W: rank at most min(in, out)."""
+
+    accepts_given_A = False
+
+    def check_rank(self, path: str, rank: int, in_features: int, out_features: int) -> None:
+        """The factorisation has min(in, out) components."""
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"{self.name} rank {rank} on layer {path!r} exceeds min(in, out) = "
+                f"{min(in_features, out_features)} of its weight"
+            )
+
+
+class PissaVariant(_WeightDrivenVariant):
+    """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W, sqrt(S) split."""
+
+    name = "pissa"
+
+    def init(
+        self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
+    ) -> dict[str, Tensor]:
+        """s·B A = the top-r SVD part of W; offset -s·B0 A0 keeps W_eff = W at init."""
+        self.check_rank(path, rank, layer.in_features, layer.out_features)
+        w = layer.weight.detach().float()
+        u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s_vals[:rank] / scaling)
+        a = root[:, None] * vh[:rank]
+        b = u[:, :rank] * root[None, :]
+        return _with_offset(a, b, layer.weight.dtype)
+
+
+class OloraVariant(_WeightDrivenVariant):
+    """OLoRA (Büyükakyüz 2024): A = R[:r], B = Q[:, :r] from the QR of W."""
+
+    name = "olora"
+
+    def init(
+        self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Orthonormal B, offset -s·B0 A0 keeps W_eff = W at init."""
+        self.check_rank(path, rank, layer.in_features, layer.out_features)
+        q, r = torch.linalg.qr(layer.weight.detach().float())
+        return _with_offset(r[:rank], q[:, :rank], layer.weight.dtype)
+
+
+VARIANTS: dict[str, LoraVariant] = {
+    v.name: v for v in (LoraVariant(), DoraVariant(), PissaVariant(), OloraVariant())
+}
+
+
+@torch.no_grad()
+def dora_weight_norm(
+    weight: Tensor, row_sq: Tensor, a: Tensor, b: Tensor, scaling: float
+) -> Tensor:
+    """Row norms of `weight + scaling * b @ a` (out,), detached, without forming b @ a."""
+    a, b = a.detach(), b.detach()
+    cross = (F.linear(weight, a) * b).sum(dim=1)  # ⟨W_i, (BA)_i⟩ via W A^T (out, r)
+    ba_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # ‖(BA)_i‖² via the (r, r) Gram of A
+    sq = row_sq + (2.0 * scaling) * cross + (scaling * scaling) * ba_sq
+    return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+
+
+def _low_rank(layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
+    """`B A dropout(x)` minus the frozen offset part `B0 A0 x` where there is one."""
+    out = F.linear(F.linear(layer.lora_dropout[name](x), layer.lora_A[name]), layer.lora_B[name])
+    if name in layer.lora_offset_A:
+        out = out - F.linear(F.linear(x, layer.lora_offset_A[name]), layer.lora_offset_B[name])
+    return out
+
+
+def _with_offset(a: Tensor, b: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    a, b = a.contiguous().to(dtype), b.contiguous().to(dtype)
+    return {"lora_A": a, "lora_B": b, "lora_offset_A": a.clone(), "lora_offset_B": b.clone()}

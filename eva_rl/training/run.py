@@ -1,0 +1,189 @@
+"""Run directories: ``config.json`` and safetensors weights, written atomically.
+
+A pretraining run directory holds ``config.json`` (see docs/CONTRACTS.md, "Run
+directory"), ``model.safetensors`` (final weights), ``tb/`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = "eva-rl-run"
+RUN_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_REQUIRED = ("model", "train", "tasks", "data", "state_mean", "state_std", "target_returns")
+
+
+class CheckpointError(ValueError):
+    """A run, weights or checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a sibling temporary name, fsync it, rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, tuples and numpy/torch arrays -> JSON-able values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict() if hasattr(value, "to_dict") else asdict(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_run_config(
+    run_dir: str | os.PathLike,
+    *,
+    model: Any,
+    train: Any,
+    tasks: Sequence[str],
+    data: str | os.PathLike,
+    state_mean: Sequence[float],
+    state_std: Sequence[float],
+    target_returns: Mapping[str, float],
+    overwrite: bool = False,
+    **extra: Any,
+) -> Path:
+    """Write ``run_dir/config.json``; ``model``/``train`` are configs or dicts.
+
+    An existing file is refused unless ``overwrite=True``. ``extra`` keys are stored
+    alongside the contract's keys.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    mean, std = [float(x) for x in _plain(state_mean)], [float(x) for x in _plain(state_std)]
+    if len(mean) != len(std):
+        raise ValueError(f"state_mean has {len(mean)} values but state_std has {len(std)}")
+    if not all(math.isfinite(x) for x in mean + std) or min(std, default=1.0) <= 0:
+        raise ValueError("state_mean/state_std must be finite and state_std > 0")
+    config = {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "model": _plain(model),
+        "train": _plain(train),
+        "tasks": list(tasks),
+        "data": str(data),
+        "state_mean": mean,
+        "state_std": std,
+        "target_returns": {str(k): float(v) for k, v in target_returns.items()},
+        **{k: _plain(v) for k, v in extra.items()},
+    }
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``run_dir/config.json``; a clear ``ValueError`` if it is unusable."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no run config (is {Path(run_dir)} a run directory?)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt run config: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path}: not an eva-rl run config (format != {RUN_FORMAT!r})")
+    if config.get("version") != RUN_VERSION:
+        raise CheckpointError(
+            f"{path}: run config version {config.get('version')!r}, this code reads "
+            f"version {RUN_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise CheckpointError(f"{path}: run config lacks {missing}")
+    if len(config["state_mean"]) != len(config["state_std"]):
+        raise CheckpointError(f"{path}: state_mean and state_std differ in length")
+    return config
+
+
+def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Save a module's ``state_dict`` (or a tensor dict) as safetensors, atomically."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ident in seen:  # safetensors refuses aliased tensors
+            t = t.clone()
+        seen.add(ident)
+        tensors[key] = t
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file into CPU tensors; ``CheckpointError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file: {err}") from err
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load safetensors weights into ``model`` in place after checking keys and shapes.
+
+    Missing or unexpected keys (with ``strict``) and shape mismatches raise
+    ``CheckpointError`` naming the file and the first offending keys.
+    """
+    path = Path(path)
+    state = read_weights(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"shape mismatch {_first(shapes)}")
+    if strict and missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

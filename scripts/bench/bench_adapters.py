@@ -1,0 +1,156 @@
+"""Forward+backward time of adapted Decision Transformers: our adapters vs PEFT's.
+
+For each DT preset, one training step (forward, MSE loss, backward; no optimiser step) is
+timed for: the frozen base (gradients flow to the input only: the floor of any adapter
+method), full fine-tuning, and LoRA / DoRA / PiSSA on every block linear, ours
+(`eva_rl.adapters`) and PEFT's (`peft.inject_adapter_in_model`) on copies of the same
+model. All variants are timed interleaved, in a rotating order, each repeat; the table
+gives the median ms per step, the ratio to the frozen base, ours / PEFT, and DoRA's
+overhead over LoRA for both implementations.
+
+    .venv/bin/python scripts/bench/bench_adapters.py --presets small paper --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from eva_rl.adapters import AdapterConfig, add_adapter, count_parameters
+from eva_rl.models.dt import DecisionTransformer, DTConfig
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+METHODS = ("lora", "dora", "pissa")
+
+
+def make_batch(cfg: DTConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random sampler-like batch of full windows; states require grad (see module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    B, K = batch_size, cfg.context_len
+    return {
+        "states": torch.randn(B, K, cfg.state_dim, generator=g).requires_grad_(True),
+        "actions": torch.rand(B, K, cfg.act_dim, generator=g) * 2 - 1,
+        "rewards": torch.randn(B, K, 1, generator=g),
+        "returns_to_go": torch.randn(B, K, 1, generator=g),
+        "timesteps": torch.randint(0, cfg.max_ep_len - K, (B, 1), generator=g)
+        + torch.arange(K),
+        "mask": torch.ones(B, K, dtype=torch.bool),
+    }
+
+
+def peft_model(base: nn.Module, method: str, rank: int, alpha: float) -> nn.Module:
+    import peft
+
+    init = "pissa" if method == "pissa" else True
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=TARGETS, use_dora=method == "dora",
+        init_lora_weights=init,
+    )
+    model = peft.inject_adapter_in_model(config, copy.deepcopy(base))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def build_variants(
+    base: DecisionTransformer, rank: int, alpha: float, with_peft: bool
+) -> dict[str, nn.Module]:
+    variants: dict[str, nn.Module] = {}
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    variants["frozen base"] = frozen
+    variants["fft"] = copy.deepcopy(base).requires_grad_(True)
+    for method in METHODS:
+        ours = copy.deepcopy(base)
+        add_adapter(ours, method, AdapterConfig(method=method, rank=rank, alpha=alpha))
+        variants[f"ours {method}"] = ours
+        if with_peft:
+            variants[f"peft {method}"] = peft_model(base, method, rank, alpha)
+    for model in variants.values():
+        model.train()
+    return variants
+
+
+def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    batch["states"].grad = None
+    model.zero_grad(set_to_none=True)
+    model.loss(batch).backward()
+
+
+def time_variants(
+    variants: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeats: int, iters: int
+) -> dict[str, list[float]]:
+    """Per-repeat mean ms per step of every variant, interleaved in a rotating order."""
+    names = list(variants)
+    for name in names:  # warm-up
+        step(variants[name], batch)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step(variants[name], batch)
+            times[name].append((time.perf_counter() - t0) / iters * 1e3)
+    return times
+
+
+def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[float]]) -> None:
+    med = {n: statistics.median(t) for n, t in times.items()}
+    spread = {n: (min(t), max(t)) for n, t in times.items()}
+    base = med["frozen base"]
+    print(f"\n## preset {preset}")
+    print(f"{'variant':<14} {'trainable':>10} {'ms/step':>9} {'min-max':>15} {'/base':>6} "
+          f"{'ours/peft':>9}")
+    for name, m in med.items():
+        model = variants[name]
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peer = name.replace("ours", "peft")
+        vs = f"{m / med[peer]:9.2f}" if name.startswith("ours") and peer in med else " " * 9
+        lo, hi = spread[name]
+        print(f"{name:<14} {n_train:>10,} {m:9.1f} {lo:7.1f}-{hi:<7.1f} {m / base:6.2f} {vs}")
+    for impl in ("ours", "peft"):
+        if f"{impl} dora" in med:
+            over = med[f"{impl} dora"] / med[f"{impl} lora"]
+            print(f"DoRA / LoRA time, {impl}: {over:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["small", "paper"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 4],
+                        help="batch size per preset (last value repeats)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=3, help="steps per timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"medians of {args.repeats} interleaved repeats x {args.iters} steps; "
+          "fwd+bwd, no optimiser step")
+    for i, preset in enumerate(args.presets):
+        torch.manual_seed(args.seed)
+        cfg = DTConfig.preset(preset, dropout=0.0)
+        base = DecisionTransformer(cfg)
+        batch_size = args.batch[min(i, len(args.batch) - 1)]
+        batch = make_batch(cfg, batch_size, args.seed)
+        variants = build_variants(base, args.rank, args.alpha, not args.no_peft)
+        print(f"\npreset {preset}: {cfg.n_layer} layers x {cfg.n_embd}, "
+              f"{base.num_parameters():,} params, batch {batch_size} x {cfg.context_len} steps "
+              f"({cfg.context_len * cfg.n_tokens} tokens), rank {args.rank}; ours lora has "
+              f"{count_parameters(variants['ours lora'], 'lora'):,} adapter params")
+        times = time_variants(variants, batch, args.repeats, args.iters)
+        report(preset, variants, times)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Evaluation throughput: batched `evaluate` vs a one-episode-at-a-time loop vs raw env steps.
+
+Measures env steps per second including the model for (a) `agents.evaluation`'s batched
+rollout (all episodes of all tasks in one vector env, one forward per step), (b) the loop
+of the reference Decision Transformer ports (one env, one episode, one forward of batch 1
+per step) and (c) the raw env step rate with random actions and no model. The three run
+interleaved, `--repeats` times, and the medians and ratios are printed. It also times one
+model forward over the full context window against a forward over a single timestep (the
+lower bound of a key/value-cached step) to show what a cache could save.
+
+Throughput does not depend on the weights, so without `--run` the model is a freshly
+initialised preset (`--preset`, default `small`) with unit state statistics.
+
+Example:
+    python scripts/bench/bench_eval.py --preset small --tasks hammer,push-wall,faucet-close \
+        --episodes 10 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from agents.dt_agent import DTAgent
+from agents.evaluation import run_episodes
+from envs import make_env, make_vec_env, resolve_tasks
+from eva_rl.models import DecisionTransformer, DTConfig
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=None, help="a run directory (default: a fresh model)")
+    p.add_argument("--preset", default="small", help="model preset without --run")
+    p.add_argument("--tasks", default="hammer,push-wall,faucet-close")
+    p.add_argument("--episodes", type=int, default=10, help="batched episodes per task")
+    p.add_argument("--loop-episodes", type=int, default=2,
+                   help="episodes per task of the one-at-a-time loop and the raw env loop")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def make_agent(args: argparse.Namespace, tasks: tuple[str, ...]) -> DTAgent:
+    if args.run is not None:
+        return DTAgent.load(args.run, device="cpu")
+    torch.manual_seed(args.seed)
+    model = DecisionTransformer(DTConfig.preset(args.preset))
+    dim = model.config.state_dim
+    return DTAgent(model, np.zeros(dim), np.ones(dim), dict.fromkeys(tasks, 1000.0), device="cpu")
+
+
+def batched(agent: DTAgent, tasks: tuple[str, ...], args: argparse.Namespace) -> tuple:
+    """(steps, build seconds, rollout seconds) of one batched evaluation."""
+    t0 = time.perf_counter()
+    venv = make_vec_env(tasks, n_envs=args.episodes, seed=args.seed,
+                        max_episode_steps=args.max_steps)
+    t1 = time.perf_counter()
+    env_tasks = [t for t in tasks for _ in range(args.episodes)]
+    out = run_episodes(agent, venv, env_tasks, progress=False)
+    t2 = time.perf_counter()
+    venv.close()
+    return int(out["lengths"].sum()), t1 - t0, t2 - t1
+
+
+def one_at_a_time(agent: DTAgent, envs: dict, args: argparse.Namespace) -> tuple[int, float]:
+    """The reference ports' loop: per task and episode, act / step / observe."""
+    steps, t0 = 0, time.perf_counter()
+    for task, env in envs.items():
+        agent.set_task(task)
+        for _ in range(args.loop_episodes):
+            agent.reset()
+            obs, _ = env.reset()
+            done = False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(agent.act(obs))
+                agent.observe(reward)
+                done = terminated or truncated
+                steps += 1
+    return steps, time.perf_counter() - t0
+
+
+def raw_env(envs: dict, args: argparse.Namespace) -> tuple[int, float]:
+    """Env steps with random actions, no model."""
+    steps, t0 = 0, time.perf_counter()
+    for env in envs.values():
+        for _ in range(args.loop_episodes):
+            env.reset()
+            done = False
+            while not done:
+                _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+                done = terminated or truncated
+                steps += 1
+    return steps, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def forward_times(agent: DTAgent, batch: int, reps: int = 30) -> tuple[float, float]:
+    """Median ms of one forward over (batch, context_len) and over (batch, 1) timesteps."""
+    cfg, model = agent.config, agent.model
+    out = []
+    for k in (cfg.context_len, 1):
+        x = dict(
+            states=torch.randn(batch, k, cfg.state_dim),
+            actions=torch.zeros(batch, k, cfg.act_dim),
+            rewards=torch.zeros(batch, k, 1),
+            returns_to_go=torch.ones(batch, k, 1),
+            timesteps=torch.arange(k).expand(batch, k),
+        )
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(**x)
+            times.append(time.perf_counter() - t0)
+        out.append(1000 * statistics.median(times))
+    return out[0], out[1]
+
+
+def main() -> None:
+    args = parse_args()
+    tasks = tuple(dict.fromkeys(resolve_tasks(args.tasks.split(","))))
+    agent = make_agent(args, tasks)
+    n_params = sum(p.numel() for p in agent.model.parameters())
+    print(f"model: {args.run or args.preset} ({n_params / 1e6:.2f}M params), tasks: "
+          f"{', '.join(tasks)}; torch threads: {torch.get_num_threads()}")
+    envs = {t: make_env(t, seed=args.seed + i, max_episode_steps=args.max_steps)
+            for i, t in enumerate(tasks)}
+    rates: dict[str, list[float]] = {"batched": [], "batched+build": [], "loop": [], "raw": []}
+    for rep in range(args.repeats):
+        steps, build, roll = batched(agent, tasks, args)
+        rates["batched"].append(steps / roll)
+        rates["batched+build"].append(steps / (roll + build))
+        steps_l, t_l = one_at_a_time(agent, envs, args)
+        rates["loop"].append(steps_l / t_l)
+        steps_r, t_r = raw_env(envs, args)
+        rates["raw"].append(steps_r / t_r)
+        print(f"repeat {rep}: batched {rates['batched'][-1]:.0f} steps/s ({steps} steps, "
+              f"env build {build:.1f} s), loop {rates['loop'][-1]:.0f}, "
+              f"raw {rates['raw'][-1]:.0f}")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nmedians over {args.repeats} repeats (env steps/s, model included):")
+    for k, v in med.items():
+        print(f"  {k:<14} {v:8.0f}")
+    print(f"  batched / loop         {med['batched'] / med['loop']:.2f}x")
+    print(f"  batched / raw env      {med['batched'] / med['raw']:.2f}  (goal >= 0.7)")
+    print(f"  batched+build / raw    {med['batched+build'] / med['raw']:.2f}")
+    batch = len(tasks) * args.episodes
+    full, one = forward_times(agent, batch)
+    print(f"\nforward of batch {batch}: full window ({agent.config.context_len} steps) "
+          f"{full:.2f} ms, one timestep {one:.2f} ms (a KV-cached step costs at least this); "
+          f"per env step: full {full / batch:.3f} ms")
+    print("numbers from a shared, noisy 2-core machine")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Batched evaluation on real envs and the rollout context behind it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents.dt_agent import DTAgent
+from agents.evaluation import evaluate, run_episodes
+from envs import make_env, make_vec_env
+from eva_rl.adapters import AdapterConfig, active_adapter, add_adapter
+from eva_rl.models import DecisionTransformer, DTConfig
+from eva_rl.models.inference import RolloutContext
+
+TASKS = ("hammer-v3", "push-wall-v3")
+STEPS = 15
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forwards are many times faster on one thread on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_agent(seed: int = 0, **overrides) -> DTAgent:
+    torch.manual_seed(seed)
+    model = DecisionTransformer(DTConfig.preset("tiny", max_ep_len=64, **overrides))
+    # statistics of the right shape that make the normalised states O(1)
+    mean, std = np.zeros(39), np.full(39, 0.5)
+    return DTAgent(model, mean, std, {"hammer": 600.0, "push-wall": 300.0}, device="cpu")
+
+
+def direct_loop(agent: DTAgent, tasks, n_episodes: int, seed: int, steps: int) -> dict:
+    """The one-episode-at-a-time loop of the reference ports, for env seeds seed + i."""
+    out = {}
+    for k, task in enumerate(tasks):
+        agent.set_task(task)
+        rows = []
+        for e in range(n_episodes):
+            env = make_env(task, seed=seed + k * n_episodes + e, max_episode_steps=steps)
+            obs, _ = env.reset()
+            total, length, success, done = 0.0, 0, False, False
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+                agent.observe(reward)
+                total, length = total + reward, length + 1
+                success |= info["success"]
+                done = terminated or truncated
+            rows.append((success, total, length))
+        out[task] = rows
+    return out
+
+
+def test_evaluate_structure_and_matches_direct_loop():
+    agent = tiny_agent()
+    results = evaluate(agent, ["hammer", "push-wall-v2", "hammer"], n_episodes=2, seed=7,
+                       max_episode_steps=STEPS, progress=False)
+    assert list(results) == list(TASKS)  # resolved, order kept, the repeat evaluated once
+    assert results["hammer-v3"]["seeds"] == [7, 8]
+    assert results["push-wall-v3"]["seeds"] == [9, 10]
+    reference = direct_loop(agent, TASKS, n_episodes=2, seed=7, steps=STEPS)
+    for task, r in results.items():
+        assert r["n_episodes"] == 2 and r["adapter"] is None
+        assert r["target_return"] == agent.target_returns[task]
+        assert r["lengths"] == [STEPS, STEPS] and r["mean_length"] == STEPS
+        succ, ret, _ = zip(*reference[task], strict=True)
+        assert r["successes"] == list(succ)
+        assert r["success_rate"] == np.mean(succ)
+        np.testing.assert_allclose(r["returns"], ret, rtol=1e-5)
+        assert r["mean_return"] == pytest.approx(np.mean(ret), rel=1e-5)
+    again = evaluate(agent, TASKS, n_episodes=2, seed=7, max_episode_steps=STEPS,
+                     progress=False)
+    assert again == results  # seeded: reproducible on the CPU
+    other = evaluate(agent, TASKS, n_episodes=2, seed=8, max_episode_steps=STEPS,
+                     progress=False)
+    assert other["hammer-v3"]["returns"] != results["hammer-v3"]["returns"]
+
+
+def test_task_adapters_are_grouped_per_task():
+    agent = tiny_agent()
+    add_adapter(agent.model, "push-wall-v3", AdapterConfig(rank=2))
+    with torch.no_grad():
+        for p in agent.model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    agent.set_task("hammer")
+    results = evaluate(agent, TASKS, n_episodes=1, seed=3, max_episode_steps=STEPS,
+                       progress=False)
+    assert results["push-wall-v3"]["adapter"] == "push-wall-v3"
+    assert results["hammer-v3"]["adapter"] is None
+    assert active_adapter(agent.model) is None  # the agent's own task is restored
+    reference = direct_loop(agent, TASKS, n_episodes=1, seed=3, steps=STEPS)
+    for task in TASKS:
+        np.testing.assert_allclose(results[task]["returns"], [reference[task][0][1]], rtol=1e-5)
+    base = evaluate(tiny_agent(), ["push-wall"], n_episodes=1, seed=4, max_episode_steps=STEPS,
+                    progress=False)
+    assert base["push-wall-v3"]["returns"] != results["push-wall-v3"]["returns"]
+
+
+def test_success_any_step_in_both_autoreset_modes():
+    """A constant action that solves the task: the success flags reach the results."""
+    agent = tiny_agent()
+    head = agent.model.action_head
+    with torch.no_grad():  # tanh(bias) = SOLVING_ACTION whatever the input
+        head.weight.zero_()
+        head.bias.copy_(torch.atanh(torch.tensor(SOLVING_ACTION)))
+    agent.target_returns[SOLVED_TASK] = 100.0
+    results = evaluate(agent, [SOLVED_TASK], n_episodes=2, seed=0, max_episode_steps=SOLVE_STEPS,
+                       progress=False)
+    assert results[SOLVED_TASK]["success_rate"] == 1.0
+    for mode in ("next_step", "same_step"):
+        venv = make_vec_env([SOLVED_TASK], n_envs=2, seed=0, max_episode_steps=SOLVE_STEPS,
+                            autoreset_mode=mode)
+        out = run_episodes(agent, venv, [SOLVED_TASK] * 2, progress=False)
+        assert out["successes"].tolist() == [True, True]
+        np.testing.assert_allclose(out["returns"], results[SOLVED_TASK]["returns"], rtol=1e-6)
+
+
+def test_evaluate_needs_target_returns():
+    with pytest.raises(ValueError, match="known tasks: hammer-v3, push-wall-v3"):
+        evaluate(tiny_agent(), ["reach"], n_episodes=1, progress=False)
+
+
+@torch.inference_mode()
+def test_context_equals_forward_over_history():
+    """Batched, sliding, reset rows: each env's action is the model's on its own history."""
+    model = DecisionTransformer(DTConfig.preset("tiny", max_ep_len=64)).eval()
+    k, scale = model.config.context_len, 200.0
+    rng = np.random.default_rng(0)
+    ctx = RolloutContext(model, 3, np.zeros(39), np.ones(39), [100.0, 200.0, 300.0], scale)
+    hist = [dict(s=[], a=[], r=[], g=[], t=[]) for _ in range(3)]
+    rtg = np.array([100.0, 200.0, 300.0]) / scale
+    for step in range(2 * k + 3):
+        if step == k + 1:  # env 2 starts a new episode mid-batch
+            ctx.reset([2], target_returns=50.0)
+            hist[2] = dict(s=[], a=[], r=[], g=[], t=[])
+            rtg[2] = 50.0 / scale
+        obs = rng.normal(size=(3, 39)).astype(np.float32)
+        ctx.push_observations(obs)
+        actions = ctx.next_actions().numpy()
+        rewards = rng.normal(size=3).astype(np.float32)  # negative ones hit the min
+        for i in range(3):
+            h = hist[i]
+            h["s"].append(obs[i])
+            h["g"].append(rtg[i])
+            h["t"].append(len(h["t"]))
+            h["a"].append(np.zeros(4, np.float32))
+            h["r"].append(0.0)
+            win = {key: np.asarray(v[-k:], dtype=np.float32) for key, v in h.items()}
+            pred = model(
+                torch.from_numpy(win["s"])[None], torch.from_numpy(win["a"])[None],
+                torch.from_numpy(win["r"])[None, :, None],
+                torch.from_numpy(win["g"])[None, :, None],
+                torch.from_numpy(win["t"]).long()[None],
+            )[0, -1].numpy()
+            np.testing.assert_allclose(actions[i], pred, atol=1e-5)
+            h["a"][-1] = actions[i]
+            h["r"][-1] = rewards[i]
+        ctx.push_rewards(rewards)
+        target = np.array([100.0, 200.0, 50.0 if step > k else 300.0]) / scale
+        rtg = np.minimum(rtg - rewards / scale, target)
+        np.testing.assert_allclose(ctx.rtg.numpy(), rtg, rtol=1e-6)
+
+
+def test_context_errors():
+    model = DecisionTransformer(DTConfig.preset("tiny", max_ep_len=4)).eval()
+    ctx = RolloutContext(model, 2, np.zeros(39), np.ones(39), 1.0)
+    with pytest.raises(ValueError, match=r"expected \(2, 39\)"):
+        ctx.push_observations(np.zeros((2, 30)))
+    with pytest.raises(RuntimeError, match="push_observations"):
+        ctx.next_actions()
+    for _ in range(4):
+        ctx.push_observations(np.zeros((2, 39)))
+        ctx.next_actions()
+        ctx.push_rewards(np.zeros(2))
+    with pytest.raises(ValueError, match="max_ep_len=4"):
+        ctx.push_observations(np.zeros((2, 39)))
+    with pytest.raises(ValueError, match="state_mean has shape"):
+        RolloutContext(model, 2, np.zeros(10), np.ones(39), 1.0)
