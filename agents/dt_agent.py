@@ -107,6 +107,7 @@ class DTAgent:
 
     def adapter_for(self, task: str) -> str | None:
         """The adapter a task runs with: the one named after it, else None (base model)."""
+        task = resolve_task(task)
         return task if task in self.adapter_names else None
 
     def target_return(self, task: str) -> float:
@@ -186,6 +187,7 @@ class DTAgent:
         """
         obs, single = self._check_obs(observation)
         task = self._require_task()
+        self.model.eval()  # as SB3's predict: inference mode (no dropout)
         n = len(obs)
         target = self.target_return(task)
         if state is None:

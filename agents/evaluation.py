@@ -54,7 +54,8 @@ def evaluate(
     seeds = [seed + i for i in range(len(env_tasks))]
     venv = make_vec_env(names, n_envs=n_episodes, seed=seed, max_episode_steps=max_episode_steps)
     try:
-        episodes = run_episodes(agent, venv, env_tasks, progress=progress)
+        episodes = run_episodes(agent, venv, env_tasks, progress=progress,
+                                max_steps=max_episode_steps)
     finally:
         venv.close()
     results: dict[str, dict[str, Any]] = {}
@@ -81,9 +82,11 @@ def run_episodes(
     venv: gym.vector.VectorEnv,
     env_tasks: Sequence[str],
     progress: bool = True,
+    max_steps: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
 
+    `max_steps` (the envs' horizon) only sizes the progress bar.
     Returns per env ``successes`` (bool), ``returns`` (float64) and ``lengths`` (int64).
     `venv` must be freshly made (its first reset starts the seeded episodes).
     """
@@ -101,6 +104,7 @@ def run_episodes(
     adapters = [agent.adapter_for(t) for t in env_tasks]
     for name in dict.fromkeys(adapters):
         groups[name] = np.array([i for i, a in enumerate(adapters) if a == name])
+    agent.model.eval()
     ctx = agent.new_context(n, targets)
     successes = np.zeros(n, dtype=bool)
     returns = np.zeros(n, dtype=np.float64)
@@ -108,7 +112,8 @@ def run_episodes(
     running = np.ones(n, dtype=bool)
     actions = np.zeros((n, agent.config.act_dim), dtype=np.float32)
     obs, _ = venv.reset()
-    bar = tqdm(desc="evaluate", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=max_steps, desc=f"evaluate {n} episodes", unit="step",
+               disable=not progress, leave=False)
     try:
         while running.any():
             ctx.push_observations(obs)

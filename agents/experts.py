@@ -142,10 +142,7 @@ class ScriptedExpert:
     def act(self, obs: np.ndarray) -> np.ndarray:
         if self.epsilon > 0 and self.rng.random() < self.epsilon:
             return self.rng.uniform(-1.0, 1.0, 4).astype(np.float32)
-        with warnings.catch_warnings():
-            # the policies warn when their gains overshoot [-1, 1]; we clip on purpose
-            warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
-            action = self.policy.get_action(obs)
+        action = self.policy.get_action(obs)
         if self.noise_std > 0:
             action = action + self.rng.normal(0.0, self.noise_std, 4)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
@@ -198,7 +195,10 @@ class ScriptedCollector:
             expert.epsilon = self.epsilon[e % len(self.epsilon)]
 
         try:
-            return rollout(env, expert.act, n_episodes, before_episode, progress)
+            with warnings.catch_warnings():
+                # the policies warn when their gains overshoot [-1, 1]; we clip on purpose
+                warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
+                return rollout(env, expert.act, n_episodes, before_episode, progress)
         finally:
             env.close()
 

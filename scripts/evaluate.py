@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from eva_rl.training.run import atomic_write
@@ -31,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="env i of the batch gets seed + i")
     p.add_argument("--max-steps", type=int, default=200, help="episode horizon")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads; 1 is often fastest for small CPU models "
+                   "on a busy machine (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and args.out.exists() and not args.force:
         print(f"error: {args.out} exists (pass --force to replace it)", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     agent = DTAgent.load(args.run, device=args.device)
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,

@@ -1,10 +1,12 @@
 """agents.experts and agents.collection on real Meta-World, tiny episode counts."""
 
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from envs import make_env
 from eva_rl.data import DatasetError, open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-H = 50  # short episodes keep the tests fast
+H = 40  # short episodes keep the tests fast
 
 
 def _replay(task, seed, traj, horizon):
@@ -41,7 +43,9 @@ def _replay(task, seed, traj, horizon):
 def test_scripted_expert_clips_and_adds_noise():
     env = make_env("faucet-close", seed=0)  # its scripted actions leave [-1, 1] every step
     obs, _ = env.reset()
-    raw = ScriptedExpert("faucet-close").policy.get_action(obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the policy warns that it overshoots [-1, 1]
+        raw = ScriptedExpert("faucet-close").policy.get_action(obs)
     assert np.abs(raw).max() > 1
     clean = ScriptedExpert("faucet-close").act(obs)
     assert clean.dtype == np.float32 and np.abs(clean).max() <= 1
@@ -117,7 +121,7 @@ def test_sac_replay_buffer_trajectories_are_the_real_transitions():
     np.testing.assert_allclose(rewards, traj.rewards, rtol=1e-6)
     assert len(successes) == 3 * H + 20 and np.abs(traj.actions).max() <= 1
     meta = collection_metadata(sac, "reach-v3", 3, seed=1)
-    assert meta["collector"] == "sac" and meta["collector_settings"]["train_steps"] == 170
+    assert meta["collector"] == "sac" and meta["collector_settings"]["train_steps"] == 3 * H + 20
     assert "stable-baselines3" in meta["package_versions"]
 
 
@@ -126,8 +130,8 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
-TASKS = ["reach", "push", "window-close", "button-press"]
-EPISODES = 6
+TASKS = ["reach", "push", "window-close"]
+EPISODES = 4
 
 
 def _collect_cmd(out):
@@ -224,12 +228,11 @@ def test_resume_refuses_other_settings_and_foreign_dirs(reference, tmp_path):
     assert (tmp_path / "reach-v3" / "notes.txt").read_text() == "mine"
 
 
-def test_collect_script_prints_summary(reference):
+def test_collect_script_prints_summary(reference, capsys, monkeypatch):
     ref_out, _ = reference
-    cmd = _collect_cmd(ref_out)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    monkeypatch.setattr(sys, "argv", _collect_cmd(ref_out)[1:])
+    runpy.run_path(str(ROOT / "scripts" / "collect.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "task",
         "status",

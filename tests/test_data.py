@@ -15,6 +15,7 @@ from eva_rl.data import (
     DatasetError,
     episode_offsets_from_dones,
     import_npz,
+    importers,
     is_complete_dataset,
     open_dataset,
     open_datasets,
@@ -406,7 +407,8 @@ def test_import_npz(tmp_path, dones_mode):
     assert is_complete_dataset(tmp_path / "hammer-v3")
 
 
-def test_import_npz_terminal_dones_and_wrong_length(tmp_path):
+def test_import_npz_terminal_dones_and_wrong_length(tmp_path, monkeypatch):
+    monkeypatch.setattr(importers, "_CHUNK_ROWS", 4)  # the next_obs check runs in chunks
     # episodes of 10 steps, but the second ends early (done at its step 4 of 10)
     data = _write_npz(tmp_path / "a.npz", n_episodes=3, episode_length=10)
     dones = np.zeros(30)
@@ -456,6 +458,15 @@ def test_import_npz_errors(tmp_path):
     )
     with pytest.raises(DatasetError, match="'actions' has 3 rows but 'observations' has 4"):
         import_npz(tmp_path / "l.npz", tmp_path / "x", "x")
+    np.savez(
+        tmp_path / "n.npz",
+        observations=np.zeros((4, 3)),
+        next_observations=np.zeros((4, 2)),
+        actions=np.zeros((4, 1)),
+        rewards=np.zeros(4),
+    )
+    with pytest.raises(DatasetError, match="n.npz.*'next_observations' has shape"):
+        import_npz(tmp_path / "n.npz", tmp_path / "x", "x")
     (tmp_path / "z.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="z.npz.*cannot read"):
         import_npz(tmp_path / "z.npz", tmp_path / "x", "x")

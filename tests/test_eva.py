@@ -27,6 +27,14 @@ from eva_rl.eva import (
 from eva_rl.models import DecisionTransformer, DTConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices on a shared 2-core machine: one thread avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def known_spectrum(n=600, d=24, k=6, seed=0, center_shift=0.0):
     """Rows with a clear top-k subspace: singular values 10..5 then a 0.3 noise floor."""
     g = torch.Generator().manual_seed(seed)
@@ -211,7 +219,7 @@ def test_padded_rows_do_not_change_result():
         def forward(self, x):
             return self.blocks(x)
 
-    cfg = EvaConfig(rank=2, rho=2.0, svd="exact")
+    cfg = EvaConfig(rank=2, rho=2.0, svd="exact", max_batches=6)
     mask_of = dict(zip(map(id, batches), masks, strict=True))
     mask_of.update(zip(map(id, garbage), masks, strict=True))
     res_a = compute_eva(Model(), batches, cfg, mask_fn=lambda b: mask_of[id(b)])
@@ -371,7 +379,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        batches = toy_batches(20, seed=rank)  # every rank sees different data
+        batches = toy_batches(10, seed=rank)  # every rank sees different data
         res = compute_eva(AttnMLP(), batches, EvaConfig(rank=3, svd="exact"))
         res.save(os.path.join(out_dir, f"rank{rank}"))
     finally:
@@ -383,7 +391,7 @@ def test_distributed_ranks_agree_and_use_all_data(tmp_path):
     r0, r1 = (EvaResult.load(tmp_path / f"rank{i}") for i in range(2))
     assert r0.ranks == r1.ranks and r0.batches_used == r1.batches_used
     # the same as one process seeing both ranks' batch i concatenated
-    joined = [torch.cat([a, b]) for a, b in zip(toy_batches(20, seed=0), toy_batches(20, seed=1),
+    joined = [torch.cat([a, b]) for a, b in zip(toy_batches(10, seed=0), toy_batches(10, seed=1),
                                                  strict=True)]
     single = compute_eva(AttnMLP(), joined, EvaConfig(rank=3, svd="exact"))
     assert single.ranks == r0.ranks and single.batches_used == r0.batches_used

@@ -68,7 +68,9 @@ def test_shapes_and_dtypes(datasets):
     for key, (shape, dtype) in expected.items():
         assert b[key].shape == shape and b[key].dtype == dtype, key
     assert s.tasks == ["a", "b"] and (s.obs_dim, s.act_dim) == (OBS_DIM, ACT_DIM)
-    assert isinstance(s.datasets[0].observations, np.memmap)  # not copied into RAM
+    assert isinstance(s.datasets[0].observations, np.memmap)
+    # observations are read through the memory map, not copied at construction
+    assert all(np.shares_memory(o, d.observations) for o, d in zip(s._obs, datasets, strict=True))
 
 
 def test_windows_match_the_data(datasets):

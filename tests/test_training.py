@@ -44,6 +44,15 @@ def synthetic_data(root: Path, n_episodes: int = 6, length: int = 12, obs_dim: i
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return synthetic_data(tmp_path_factory.mktemp("data"))
@@ -87,14 +96,14 @@ def test_optimizer_decays_matrices_only_and_skips_frozen(data_root):
 
 def test_loss_falls_and_run_dir_is_written(data_root, tmp_path):
     model, sampler = make_parts(data_root)
-    trainer = Trainer(model, sampler, tconfig(steps=60, checkpoint_every=0, log_every=10),
+    trainer = Trainer(model, sampler, tconfig(steps=40, checkpoint_every=0, log_every=10),
                       tmp_path / "run", hparams={"model": model.config.to_dict()})
     history = trainer.train()
-    assert [h[0] for h in history] == list(range(1, 61))
+    assert [h[0] for h in history] == list(range(1, 41))
     first, last = np.mean([h[1] for h in history[:5]]), np.mean([h[1] for h in history[-5:]])
     assert last < 0.5 * first
     assert all(h[2] > 0 for h in history)
-    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [60]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [40]
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     with pytest.raises(FileExistsError, match="holds checkpoints already"):
         Trainer(model, sampler, tconfig(), tmp_path / "run").train()

@@ -45,9 +45,18 @@ class LoraVariant:
         return {"lora_A": a, "lora_B": b}
 
     def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
-        """Output of the layer with adapter `name` active."""
-        result = layer.base_layer(x)
-        return result + layer.scaling[name] * _low_rank(layer, name, x)
+        """`base(x) + s · B A dropout(x)` (`- s · B0 A0 x` with an offset); adds fused in addmm."""
+        x2 = x.reshape(-1, layer.in_features)  # (N, in)
+        a, b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+        y = layer.base_layer(x2)  # (N, out)
+        if name in layer.lora_offset_A:
+            a0, b0 = layer.lora_offset_A[name], layer.lora_offset_B[name]
+            if _dropping(layer, name):
+                y = torch.addmm(y, F.linear(x2, a0), b0.t(), alpha=-scaling)
+            else:  # adapter and frozen offset as one rank-2r product
+                a, b = torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
+        y = torch.addmm(y, F.linear(layer.lora_dropout[name](x2), a), b.t(), alpha=scaling)
+        return y.view(*x.shape[:-1], layer.out_features)
 
     def delta_weight(self, layer: AdapterLinear, name: str, weight: Tensor) -> Tensor:
         """W_eff - W for the unmerged base weight `weight` (out, in)."""
@@ -81,24 +90,22 @@ class DoraVariant(LoraVariant):
     def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
         """`m/‖W + sBA‖ ⊙ (x W^T + s x A^T B^T) + bias`; bias is not rescaled (as in PEFT)."""
         weight, bias = layer.weight, layer.base_layer.bias
-        a, b = layer.lora_A[name], layer.lora_B[name]
-        scaling = layer.scaling[name]
+        a, b, scaling = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
         norm = dora_weight_norm(weight, layer.base_row_sq_norm(), a, b, scaling)
         mag_scale = layer.lora_magnitude_vector[name] / norm  # (out,), grad flows to m only
-        dropout = layer.lora_dropout[name]
-        if not (layer.training and isinstance(dropout, torch.nn.Dropout)):
-            # no dropout: one base matmul
-            lora = F.linear(F.linear(x, a), b)
-            result = mag_scale * (F.linear(x, weight) + scaling * lora)
-            return result if bias is None else result + bias
-        x_d = dropout(x)
-        lora = F.linear(F.linear(x_d, a), b)
-        # with dropout, PEFT's form: base(x) + (m/n - 1) ⊙ W dropout(x) + m/n ⊙ s·BA dropout(x)
-        return (
-            F.linear(x, weight, bias)
-            + (mag_scale - 1) * F.linear(x_d, weight)
-            + mag_scale * (scaling * lora)
-        )
+        x2 = x.reshape(-1, layer.in_features)  # (N, in)
+        if not _dropping(layer, name):
+            z = torch.addmm(F.linear(x2, weight), F.linear(x2, a), b.t(), alpha=scaling)
+            y = mag_scale * z if bias is None else torch.addcmul(bias, mag_scale, z)
+        else:  # PEFT's form: base(x) + (m/n - 1) ⊙ W x_d + m/n ⊙ s·B A x_d, x_d = dropout(x)
+            x_d = layer.lora_dropout[name](x2)
+            lora = F.linear(F.linear(x_d, a), b)
+            y = (
+                F.linear(x2, weight, bias)
+                + (mag_scale - 1) * F.linear(x_d, weight)
+                + mag_scale * (scaling * lora)
+            )
+        return y.view(*x.shape[:-1], layer.out_features)
 
     def delta_weight(self, layer: AdapterLinear, name: str, weight: Tensor) -> Tensor:
         """W_eff - W with W_eff = m/‖W + sBA‖ ⊙ (W + sBA) (rows)."""
@@ -170,12 +177,9 @@ def dora_weight_norm(
     return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 
 
-def _low_rank(layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
-    """`B A dropout(x)` minus the frozen offset part `B0 A0 x` where there is one."""
-    out = F.linear(F.linear(layer.lora_dropout[name](x), layer.lora_A[name]), layer.lora_B[name])
-    if name in layer.lora_offset_A:
-        out = out - F.linear(F.linear(x, layer.lora_offset_A[name]), layer.lora_offset_B[name])
-    return out
+def _dropping(layer: AdapterLinear, name: str) -> bool:
+    """Whether adapter `name`'s dropout is active now."""
+    return layer.training and isinstance(layer.lora_dropout[name], torch.nn.Dropout)
 
 
 def _with_offset(a: Tensor, b: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:

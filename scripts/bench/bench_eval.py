@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
     return p.parse_args()
 
 
@@ -99,29 +101,37 @@ def raw_env(envs: dict, args: argparse.Namespace) -> tuple[int, float]:
 
 
 @torch.inference_mode()
-def forward_times(agent: DTAgent, batch: int, reps: int = 30) -> tuple[float, float]:
-    """Median ms of one forward over (batch, context_len) and over (batch, 1) timesteps."""
+def forward_times(agent: DTAgent, batch: int, threads: tuple[int, ...], reps: int = 20
+                  ) -> dict[tuple[int, int], float]:
+    """Median ms of one forward over (batch, k) timesteps, k = context_len and 1, for each
+    torch thread count; all variants interleaved."""
     cfg, model = agent.config, agent.model
-    out = []
-    for k in (cfg.context_len, 1):
-        x = dict(
+    inputs = {
+        k: dict(
             states=torch.randn(batch, k, cfg.state_dim),
             actions=torch.zeros(batch, k, cfg.act_dim),
             rewards=torch.zeros(batch, k, 1),
             returns_to_go=torch.ones(batch, k, 1),
             timesteps=torch.arange(k).expand(batch, k),
         )
-        times = []
-        for _ in range(reps):
+        for k in (cfg.context_len, 1)
+    }
+    before = torch.get_num_threads()
+    times: dict[tuple[int, int], list[float]] = {(k, n): [] for k in inputs for n in threads}
+    for _ in range(reps):
+        for k, n in times:
+            torch.set_num_threads(n)
             t0 = time.perf_counter()
-            model(**x)
-            times.append(time.perf_counter() - t0)
-        out.append(1000 * statistics.median(times))
-    return out[0], out[1]
+            model(**inputs[k])
+            times[(k, n)].append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return {key: 1000 * statistics.median(v) for key, v in times.items()}
 
 
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tasks = tuple(dict.fromkeys(resolve_tasks(args.tasks.split(","))))
     agent = make_agent(args, tasks)
     n_params = sum(p.numel() for p in agent.model.parameters())
@@ -148,11 +158,15 @@ def main() -> None:
     print(f"  batched / loop         {med['batched'] / med['loop']:.2f}x")
     print(f"  batched / raw env      {med['batched'] / med['raw']:.2f}  (goal >= 0.7)")
     print(f"  batched+build / raw    {med['batched+build'] / med['raw']:.2f}")
-    batch = len(tasks) * args.episodes
-    full, one = forward_times(agent, batch)
-    print(f"\nforward of batch {batch}: full window ({agent.config.context_len} steps) "
-          f"{full:.2f} ms, one timestep {one:.2f} ms (a KV-cached step costs at least this); "
-          f"per env step: full {full / batch:.3f} ms")
+    batch, k = len(tasks) * args.episodes, agent.config.context_len
+    ms = forward_times(agent, batch, threads=tuple(dict.fromkeys((1, 2, torch.get_num_threads()))))
+    print(f"\nforward of a batch of {batch} episodes (median ms; a KV-cached step would cost "
+          "at least the one-timestep forward):")
+    for n in sorted({n for _, n in ms}):
+        full, one = ms[(k, n)], ms[(1, n)]
+        print(f"  {n} thread(s): full window ({k} steps) {full:.2f} ms, one timestep "
+              f"{one:.2f} ms, ratio {full / one:.1f}x; full window per env step "
+              f"{full / batch:.3f} ms")
     print("numbers from a shared, noisy 2-core machine")
 
 

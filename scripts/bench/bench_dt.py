@@ -1,0 +1,172 @@
+"""Benchmark our Decision Transformer's training step against Hugging Face's on this machine.
+
+One training step = forward + masked MSE on actions + backward + AdamW step, on random
+left-padded batches. Compared, interleaved in the same process (medians over repeats):
+
+- ``ours``: eva_rl's DT with the preset as is (4 tokens per step: state, rtg, action, reward);
+- ``ours-3tok``: the same with HF's 3-token layout (rtg, state, action; action predicted
+  from the state token), i.e. the same sequence length as HF;
+- ``hf``: transformers' ``DecisionTransformerModel`` (GPT-2 blocks, SDPA attention, gelu)
+  with the same width, depth, heads, MLP width (4x), dropout, context and batch;
+- ``ours-bf16``: ``ours`` under ``torch.autocast("cpu", torch.bfloat16)``.
+
+Peak memory is the growth of the process's peak RSS (``resource.getrusage`` ru_maxrss)
+over a few training steps, each implementation in its own fresh subprocess (so it
+includes activations, gradients and AdamW state, not the model weights or imports).
+
+Example:
+    python scripts/bench/bench_dt.py --presets small paper --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from eva_rl.models import DecisionTransformer, DTConfig
+
+IMPLS = ("ours", "ours-3tok", "hf", "ours-bf16")
+BATCH = {"tiny": 32, "small": 64, "paper": 16}
+STEPS = {"tiny": 10, "small": 4, "paper": 1}
+
+
+def make_batch(cfg: DTConfig, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    B, K = batch_size, cfg.context_len
+    mask = torch.ones(B, K, dtype=torch.bool)
+    lengths = torch.randint(1, K + 1, (B // 4,), generator=g)  # a quarter left-padded
+    for i, n in enumerate(lengths.tolist()):
+        mask[i, : K - n] = False
+    return {
+        "states": torch.randn(B, K, cfg.state_dim, generator=g),
+        "actions": torch.rand(B, K, cfg.act_dim, generator=g) * 2 - 1,
+        "rewards": torch.randn(B, K, 1, generator=g),
+        "returns_to_go": torch.randn(B, K, 1, generator=g),
+        "timesteps": torch.randint(0, 200 - K, (B, 1), generator=g) + torch.arange(K),
+        "mask": mask,
+    }
+
+
+def build(impl: str, preset: str):
+    """(model, step function) for one implementation."""
+    torch.manual_seed(0)
+    cfg = DTConfig.preset(preset)
+    if impl == "hf":
+        from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+        hf_cfg = DecisionTransformerConfig(
+            state_dim=cfg.state_dim, act_dim=cfg.act_dim, hidden_size=cfg.n_embd,
+            max_ep_len=cfg.max_ep_len, action_tanh=True, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_inner=4 * cfg.n_embd, activation_function="gelu",
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            n_positions=1024,
+        )
+        hf_cfg._attn_implementation = "sdpa"
+        model = DecisionTransformerModel(hf_cfg)
+
+        def loss_fn(b):
+            _, preds, _ = model(
+                states=b["states"], actions=b["actions"], rewards=b["rewards"],
+                returns_to_go=b["returns_to_go"], timesteps=b["timesteps"],
+                attention_mask=b["mask"].long(), return_dict=False,
+            )
+            m = b["mask"].float()
+            return (((preds - b["actions"]) ** 2).mean(-1) * m).sum() / m.sum()
+    else:
+        if impl == "ours-3tok":
+            cfg = DTConfig.preset(preset, token_layout=("rtg", "state", "action"),
+                                  predict_from="state")
+        model = DecisionTransformer(cfg)
+        loss_fn = model.loss
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    bf16 = impl.endswith("bf16")
+
+    def step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def time_steps(step, batch, n: int) -> float:
+    """Milliseconds per step over n steps."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(batch)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def memory_child(impl: str, preset: str) -> None:
+    """Run in a fresh process: print the peak-RSS growth of 3 training steps, in MiB."""
+    _, step = build(impl, preset)
+    batch = make_batch(DTConfig.preset(preset), BATCH[preset])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step(batch)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_delta_mib": (after - before) / 1024}))  # ru_maxrss is KiB on Linux
+
+
+def peak_memory(impl: str, preset: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", impl, preset],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_delta_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="DT training step: ours vs Hugging Face")
+    p.add_argument("--presets", nargs="+", default=["small", "paper"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PRESET"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; shared noisy machine: medians of "
+          f"{args.repeats} interleaved repeats")
+    for preset in args.presets:
+        cfg = DTConfig.preset(preset)
+        built = {impl: build(impl, preset) for impl in IMPLS}
+        batch = make_batch(cfg, BATCH[preset])
+        for _, step in built.values():  # warm-up
+            step(batch)
+        times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        for r in range(args.repeats):
+            order = IMPLS[r % len(IMPLS):] + IMPLS[: r % len(IMPLS)]  # rotate the order
+            for impl in order:
+                times[impl].append(time_steps(built[impl][1], batch, STEPS[preset]))
+        med = {impl: statistics.median(t) for impl, t in times.items()}
+        mem = {} if args.no_memory else {impl: peak_memory(impl, preset) for impl in IMPLS}
+        print(f"\n{preset}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
+              f"context {cfg.context_len} steps, batch {BATCH[preset]}, dropout {cfg.dropout}")
+        print(f"{'impl':<10} {'tokens':>6} {'params':>11} {'ms/step':>9} {'min-max':>15} "
+              f"{'hf/this':>8} {'peak MiB':>9}")
+        for impl in IMPLS:
+            model = built[impl][0]
+            n_tok = 3 if impl in ("hf", "ours-3tok") else 4
+            params = sum(q.numel() for q in model.parameters())
+            spread = f"{min(times[impl]):.0f}-{max(times[impl]):.0f}"
+            peak = f"{mem[impl]:.0f}" if mem else "-"
+            print(f"{impl:<10} {n_tok * cfg.context_len:>6} {params:>11,} {med[impl]:>9.1f} "
+                  f"{spread:>15} {med['hf'] / med[impl]:>8.2f} {peak:>9}")
+        print(f"bf16 autocast / fp32 (ours): {med['ours-bf16'] / med['ours']:.2f}x time")
+
+
+if __name__ == "__main__":
+    main()
