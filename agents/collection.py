@@ -12,6 +12,7 @@ the number of workers or the task order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -184,6 +185,10 @@ def collect_datasets(
     pending = []
     for task in names:
         expected = collection_metadata(collector, task, n_episodes, seed)
+        try:  # fail now, not after collecting
+            json.dumps(expected)
+        except TypeError as err:
+            raise ValueError(f"collector settings must be JSON-serialisable: {err}") from None
         ds = _existing(out / task, expected)
         if ds is None:
             pending.append(task)

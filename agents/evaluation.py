@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from agents.dt_agent import DTAgent
 from envs import final_step_infos, make_vec_env, resolve_tasks
+from eva_rl.adapters import active_adapter, adapter_layers
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def evaluate(
                                 max_steps=max_episode_steps)
     finally:
         venv.close()
+    logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
+                seeds[0], seeds[-1])
     results: dict[str, dict[str, Any]] = {}
     for task in names:
         rows = [i for i, t in enumerate(env_tasks) if t == task]
@@ -88,7 +91,8 @@ def run_episodes(
 
     `max_steps` (the envs' horizon) only sizes the progress bar.
     Returns per env ``successes`` (bool), ``returns`` (float64) and ``lengths`` (int64).
-    `venv` must be freshly made (its first reset starts the seeded episodes).
+    `venv` must be freshly made (its first reset starts the seeded episodes). The model's
+    train/eval mode, active adapter and ``requires_grad`` flags are restored afterwards.
     """
     n = venv.num_envs
     if len(env_tasks) != n:
@@ -104,7 +108,14 @@ def run_episodes(
     adapters = [agent.adapter_for(t) for t in env_tasks]
     for name in dict.fromkeys(adapters):
         groups[name] = np.array([i for i, a in enumerate(adapters) if a == name])
-    agent.model.eval()
+    model = agent.model
+    # evaluation may run in the middle of fine-tuning: leave the model as it was found
+    was_training = model.training
+    trainable = [p.requires_grad for p in model.parameters()]
+    has_adapters = bool(adapter_layers(model))
+    before = active_adapter(model) if has_adapters else None
+    current = before
+    model.eval()
     ctx = agent.new_context(n, targets)
     successes = np.zeros(n, dtype=bool)
     returns = np.zeros(n, dtype=np.float64)
@@ -118,7 +129,9 @@ def run_episodes(
         while running.any():
             ctx.push_observations(obs)
             for name, rows in groups.items():
-                agent.use_adapter(name)
+                if has_adapters and name != current:
+                    agent.use_adapter(name)
+                    current = name
                 actions[rows] = ctx.next_actions(rows if len(groups) > 1 else None).cpu().numpy()
             obs, rewards, terminated, truncated, infos = venv.step(actions)
             ctx.push_rewards(rewards)
@@ -134,5 +147,9 @@ def run_episodes(
             bar.update(1)
     finally:
         bar.close()
-        agent.use_adapter(agent.adapter_for(agent.task) if agent.task else None)
+        if current != before:
+            agent.use_adapter(before)
+        for p, flag in zip(model.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
     return {"successes": successes, "returns": returns, "lengths": lengths}

@@ -277,6 +277,19 @@ class SACCollector:
             )
         train_seed, rollout_seed = _child_seeds(seed, 2)
         model, successes = self.train(task, train_seed)
+        return self.episodes(task, model, successes, n_episodes, rollout_seed, progress)
+
+    def episodes(
+        self,
+        task: str,
+        model,
+        successes: np.ndarray,
+        n_episodes: int,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> Trajectories:
+        """The dataset of a trained ``model`` (from :meth:`train`): the last ``n_episodes``
+        of its replay buffer, or ``n_episodes`` policy rollouts seeded with ``seed``."""
         if self.source == "replay":
             traj = replay_buffer_trajectories(model.replay_buffer, successes)
             if traj.n_episodes < n_episodes:
@@ -287,7 +300,7 @@ class SACCollector:
             if progress is not None:
                 progress(n_episodes)
             return _last_episodes(traj, n_episodes)
-        env = make_env(task, seed=rollout_seed, max_episode_steps=horizon)
+        env = make_env(task, seed=seed, max_episode_steps=self.max_episode_steps)
         try:
             return rollout(
                 env,

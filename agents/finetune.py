@@ -146,9 +146,9 @@ class FinetuneConfig:
 
 CONFIGS: dict[str, FinetuneConfig] = {
     # one method over all of CW10 (`single`) in ~5-8 minutes on 2 CPU cores, small DT
-    "cpu": FinetuneConfig(steps=300, eval_every=100, eval_episodes=10, checkpoint_every=100),
+    "cpu": FinetuneConfig(steps=300, eval_every=150, eval_episodes=10, checkpoint_every=100),
     # the quickstart and smoke runs: a tiny DT, a few minutes for everything
-    "quick": FinetuneConfig(steps=120, batch_size=32, warmup_steps=10, eval_every=60,
+    "quick": FinetuneConfig(steps=120, batch_size=32, warmup_steps=10, eval_every=120,
                             eval_episodes=5, checkpoint_every=60, eva_max_batches=20),
     # the EVA paper's fine-tuning (GPU): 100k updates of batch 128, lr 1e-4
     "paper": FinetuneConfig(steps=100_000, batch_size=128, lr=1e-4, fft_lr=1e-4,
@@ -330,6 +330,7 @@ def finetune_task(
     seed: int = 0,
     index: int = 0,
     hook: StepHook | None = None,
+    eval_slot: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``agent.model`` on ``task`` in place and return the task's record.
 
@@ -337,7 +338,9 @@ def finetune_task(
     the success curve measured during training and its AUC, trainable parameters, time
     split (EVA init, training, evaluation), the first update's gradient norm, the loss
     curve and EVA's ranks. ``hook(task, step)`` runs before every update (e.g. to stop a
-    run for a test). EVA's scalars (`log_eva`) go to ``task_dir/train/tb`` with the
+    run for a test). ``eval_slot`` (default ``index``) is the task's position in a joint
+    evaluation of all tasks, so its episodes here use the same env seeds as there. EVA's
+    scalars (`log_eva`) go to ``task_dir/train/tb`` with the
     Trainer's.
     """
     task_dir = Path(task_dir)
@@ -348,8 +351,11 @@ def finetune_task(
     trainable, eva_seconds, ranks, eva_result = attach_method(
         agent, task, dataset, method, config, s, task_dir)
 
+    n_ep = config.eval_episodes
+    first_seed = eval_seed(seed) + n_ep * (index if eval_slot is None else eval_slot)
+
     def evaluate_task() -> dict[str, float]:
-        return evaluate(agent, [task], n_episodes=config.eval_episodes, seed=eval_seed(seed),
+        return evaluate(agent, [task], n_episodes=n_ep, seed=first_seed,
                         max_episode_steps=config.max_episode_steps,
                         progress=False)[task]
 

@@ -28,6 +28,7 @@ import datetime
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,19 +252,22 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                    seed: int, run: Path, out: Path, hook: StepHook | None = None) -> None:
     """The tasks in order on one agent; a success-matrix row after each task."""
     agent = load_agent(exp, datasets)
+    unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
     for i, task in enumerate(exp.tasks):
         tdir = task_dir_of(run, i, task)
         if read_record(tdir) is not None:
             _restore_state(agent, method, task, tdir)
             continue
         record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
-                               index=i, hook=hook)
+                               index=i, hook=hook, eval_slot=unique.index(task))
         _save_state(agent, method, task, tdir)
-        row = evaluate(agent, list(dict.fromkeys(exp.tasks)), n_episodes=exp.config.eval_episodes,
+        t0 = time.perf_counter()
+        row = evaluate(agent, unique, n_episodes=exp.config.eval_episodes,
                        seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
                        progress=exp.config.progress)
         record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
         record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
+        record["row_eval_seconds"] = time.perf_counter() - t0
         write_json(tdir / RECORD_FILE, record)
         write_json(out / "results.json", collect_results(out, exp))
 

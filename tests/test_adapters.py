@@ -27,6 +27,7 @@ from eva_rl.adapters import (
     set_active_adapter,
     unmerge_adapter,
 )
+from eva_rl.adapters.variants import low_rank_addmm
 
 D, H, IN, OUT = 8, 12, 5, 3
 
@@ -290,6 +291,33 @@ def test_dora_output_and_detached_norm(model: Tiny, x: torch.Tensor) -> None:
     layer(h).sum().backward()
     grad_m = ((h @ w_dir.T) / w_dir.norm(dim=1)).sum(0)
     torch.testing.assert_close(layer.lora_magnitude_vector["d"].grad, grad_m, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_backward_gradcheck() -> None:
+    g = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(shape, generator=g, dtype=torch.double).requires_grad_(True)
+        for shape in ((6, 5), (6, 4), (3, 4), (5, 3))
+    ]
+    assert torch.autograd.gradcheck(lambda *t: low_rank_addmm(*t, 0.7), args)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
+def test_bf16_autocast_training(model: Tiny, x: torch.Tensor, method: str) -> None:
+    add_adapter(model, "t", AdapterConfig(method=method, rank=4))
+    for layer in adapter_layers(model).values():
+        layer.lora_B["t"].data.normal_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(x).sum().backward()
+    ref = [p.grad.clone() for p in params]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    for p, r in zip(params, ref, strict=True):
+        assert p.grad.dtype == torch.float32
+        assert float((p.grad - r).norm() / r.norm()) < 0.05
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -1,12 +1,12 @@
 """agents.experts and agents.collection on real Meta-World, tiny episode counts."""
 
+import dataclasses
 import os
 import runpy
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,11 @@ def _replay(task, seed, traj, horizon):
     return np.array(obs), np.array(rewards, dtype=np.float32)
 
 
+@pytest.mark.filterwarnings("ignore:Constant:UserWarning")  # the policy overshoots [-1, 1]
 def test_scripted_expert_clips_and_adds_noise():
     env = make_env("faucet-close", seed=0)  # its scripted actions leave [-1, 1] every step
     obs, _ = env.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the policy warns that it overshoots [-1, 1]
-        raw = ScriptedExpert("faucet-close").policy.get_action(obs)
+    raw = ScriptedExpert("faucet-close").policy.get_action(obs)
     assert np.abs(raw).max() > 1
     clean = ScriptedExpert("faucet-close").act(obs)
     assert clean.dtype == np.float32 and np.abs(clean).max() <= 1
@@ -120,6 +119,15 @@ def test_sac_replay_buffer_trajectories_are_the_real_transitions():
     np.testing.assert_array_equal(obs, traj.observations)
     np.testing.assert_allclose(rewards, traj.rewards, rtol=1e-6)
     assert len(successes) == 3 * H + 20 and np.abs(traj.actions).max() <= 1
+    last2 = sac.episodes("reach", model, successes, 2, seed=0)
+    np.testing.assert_array_equal(last2.episode_offsets, [0, H, 2 * H])
+    np.testing.assert_array_equal(last2.observations, traj.observations[H:])
+    with pytest.raises(RuntimeError, match="3 complete episodes, 4 requested"):
+        sac.episodes("reach", model, successes, 4, seed=0)
+    policy = dataclasses.replace(sac, source="policy", deterministic=True)
+    run = policy.episodes("reach", model, successes, 1, seed=0)
+    expected = model.predict(run.observations[:5], deterministic=True)[0]
+    np.testing.assert_allclose(run.actions[:5], np.clip(expected, -1, 1), rtol=1e-6)
     meta = collection_metadata(sac, "reach-v3", 3, seed=1)
     assert meta["collector"] == "sac" and meta["collector_settings"]["train_steps"] == 3 * H + 20
     assert "stable-baselines3" in meta["package_versions"]

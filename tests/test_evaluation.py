@@ -76,12 +76,15 @@ def test_evaluate_structure_and_matches_direct_loop():
         assert r["success_rate"] == np.mean(succ)
         np.testing.assert_allclose(r["returns"], ret, rtol=1e-5)
         assert r["mean_return"] == pytest.approx(np.mean(ret), rel=1e-5)
-    again = evaluate(agent, TASKS, n_episodes=2, seed=7, max_episode_steps=STEPS,
-                     progress=False)
-    assert again == results  # seeded: reproducible on the CPU
-    other = evaluate(agent, TASKS, n_episodes=2, seed=8, max_episode_steps=STEPS,
-                     progress=False)
-    assert other["hammer-v3"]["returns"] != results["hammer-v3"]["returns"]
+    # seed 8 alone replays the second hammer episode; the same call twice is identical
+    one = evaluate(agent, ["hammer"], n_episodes=1, seed=8, max_episode_steps=STEPS,
+                   progress=False)
+    assert one == evaluate(agent, ["hammer"], n_episodes=1, seed=8, max_episode_steps=STEPS,
+                           progress=False)
+    assert one["hammer-v3"]["seeds"] == [8]
+    assert one["hammer-v3"]["returns"][0] == pytest.approx(results["hammer-v3"]["returns"][1],
+                                                           rel=1e-5)
+    assert results["hammer-v3"]["returns"][0] != results["hammer-v3"]["returns"][1]
 
 
 def test_task_adapters_are_grouped_per_task():
@@ -91,12 +94,16 @@ def test_task_adapters_are_grouped_per_task():
         for p in agent.model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.5)
-    agent.set_task("hammer")
+    agent.set_task("push-wall")  # as during fine-tuning: adapter active and trainable
+    agent.model.train()
+    trainable = [n for n, p in agent.model.named_parameters() if p.requires_grad]
     results = evaluate(agent, TASKS, n_episodes=1, seed=3, max_episode_steps=STEPS,
                        progress=False)
     assert results["push-wall-v3"]["adapter"] == "push-wall-v3"
     assert results["hammer-v3"]["adapter"] is None
-    assert active_adapter(agent.model) is None  # the agent's own task is restored
+    # the model is left as it was found
+    assert active_adapter(agent.model) == "push-wall-v3" and agent.model.training
+    assert trainable == [n for n, p in agent.model.named_parameters() if p.requires_grad]
     reference = direct_loop(agent, TASKS, n_episodes=1, seed=3, steps=STEPS)
     for task in TASKS:
         np.testing.assert_allclose(results[task]["returns"], [reference[task][0][1]], rtol=1e-5)
@@ -114,14 +121,14 @@ def test_success_any_step_in_both_autoreset_modes():
         head.bias.copy_(torch.atanh(torch.tensor(SOLVING_ACTION)))
     agent.target_returns[SOLVED_TASK] = 100.0
     results = evaluate(agent, [SOLVED_TASK], n_episodes=2, seed=0, max_episode_steps=SOLVE_STEPS,
-                       progress=False)
+                       progress=False)  # gymnasium's default NEXT_STEP autoreset
     assert results[SOLVED_TASK]["success_rate"] == 1.0
-    for mode in (gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP):
-        venv = make_vec_env([SOLVED_TASK], n_envs=2, seed=0, max_episode_steps=SOLVE_STEPS,
-                            autoreset_mode=mode)
-        out = run_episodes(agent, venv, [SOLVED_TASK] * 2, progress=False)
-        assert out["successes"].tolist() == [True, True]
-        np.testing.assert_allclose(out["returns"], results[SOLVED_TASK]["returns"], rtol=1e-6)
+    venv = make_vec_env([SOLVED_TASK], n_envs=2, seed=0, max_episode_steps=SOLVE_STEPS,
+                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    out = run_episodes(agent, venv, [SOLVED_TASK] * 2, progress=False)
+    assert out["successes"].tolist() == [True, True]
+    assert out["lengths"].tolist() == [SOLVE_STEPS] * 2
+    np.testing.assert_allclose(out["returns"], results[SOLVED_TASK]["returns"], rtol=1e-6)
 
 
 def test_evaluate_needs_target_returns():

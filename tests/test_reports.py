@@ -112,7 +112,11 @@ def test_tensorboard_tags_and_rewrite(results, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     reports.write_report(results, tmp_path)
-    reports.write_report(results, tmp_path)  # a second report replaces, never appends
+    summary = EventAccumulator(str(tmp_path / "tb" / "summary"))
+    summary.Reload()
+    assert "plots/success_matrix_lora" in summary.Tags()["images"]
+    # a second write replaces the event files, never appends to them
+    reports.write_tensorboard(results, reports.summarize(results), {}, tmp_path / "tb")
     run_dir = tmp_path / "tb" / "sequential_lora_seed0"
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
@@ -124,9 +128,7 @@ def test_tensorboard_tags_and_rewrite(results, tmp_path):
     assert hammer == [(0, 0.8), (1, 0.2)]
     assert [round(e.value, 4) for e in acc.Scalars("cl/forgetting")] == [0.0, 0.6]
     assert len(list(run_dir.glob("events.*"))) == 1
-    summary = EventAccumulator(str(tmp_path / "tb" / "summary"))
-    summary.Reload()
-    assert "plots/success_matrix_lora" in summary.Tags()["images"]
+    assert len(list((tmp_path / "tb" / "summary").glob("events.*"))) == 1
 
 
 def test_merge_and_load_errors(results, tmp_path):
@@ -149,3 +151,27 @@ def test_merge_and_load_errors(results, tmp_path):
 def test_terminal_table(results):
     text = reports.format_table(reports.summarize(results))
     assert "lora" in text and "0.86" in text and "forgetting" in text
+
+
+def test_report_script_combines_runs(results, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+    spec = importlib.util.spec_from_file_location("report_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    single, seq = reports.empty_results(), reports.empty_results()
+    single["runs"] = [r for r in results["runs"] if r["protocol"] == "single"]
+    seq["runs"] = [r for r in results["runs"] if r["protocol"] == "sequential"]
+    reports.write_json(tmp_path / "a" / "results.json", single)
+    reports.write_json(tmp_path / "b" / "results.json", seq)
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c"),
+                        "--no-tensorboard"]) == 0
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "`single` protocol" in md and "`sequential` protocol" in md
+    # forward transfer is computed once the single runs sit next to the sequential ones
+    merged = reports.load_results(tmp_path / "c")
+    assert reports.summarize(merged)["sequential"]["lora"]["forward_transfer"] is not None
+    assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
+    assert "no results.json" in capsys.readouterr().err

@@ -53,7 +53,10 @@ class DTConfig:
     max_ep_len: int = 1000
     """Size of the timestep embedding table; timesteps must be ``< max_ep_len``."""
     dropout: float = 0.1
-    """Dropout on embeddings, attention weights and residual branches."""
+    """Dropout on the embeddings and the residual branches."""
+    attn_dropout: float | None = None
+    """Dropout on attention weights (None = ``dropout``). Any value > 0 makes torch's
+    attention fall back from its fused kernel to the unfused one during training."""
     token_layout: tuple[str, ...] = ("state", "rtg", "action", "reward")
     """Order of the tokens within one timestep (a subset of state, rtg, action, reward)."""
     predict_from: str = "rtg"
@@ -87,8 +90,10 @@ class DTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.reward_scale <= 0:
             raise ValueError(f"reward_scale must be > 0, got {self.reward_scale}")
 
@@ -127,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         c = config.n_embd
         self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.q_proj = nn.Linear(c, c)
         self.k_proj = nn.Linear(c, c)
         self.v_proj = nn.Linear(c, c)
@@ -140,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, L, h, C // h).transpose(1, 2)  # (B, h, L, d)
         k = self.k_proj(x).view(B, L, h, C // h).transpose(1, 2)
         v = self.v_proj(x).view(B, L, h, C // h).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
+        p = self.attn_dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:

@@ -8,7 +8,7 @@ model. All variants are timed interleaved, in a rotating order, each repeat; the
 gives the median ms per step, the ratio to the frozen base, ours / PEFT, and DoRA's
 overhead over LoRA for both implementations.
 
-    .venv/bin/python scripts/bench/bench_adapters.py --presets small paper --repeats 7
+    .venv/bin/python scripts/bench/bench_adapters.py --presets small paper --repeats 5
 """
 
 from __future__ import annotations
@@ -122,13 +122,14 @@ def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[32, 4],
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 2],
                         help="batch size per preset (last value repeats)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=8.0)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=3, help="steps per timing")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=2, help="steps per timing")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default; 1 is steadiest on a shared box)")
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -3,16 +3,21 @@
 One training step = forward + masked MSE on actions + backward + AdamW step, on random
 left-padded batches. Compared, interleaved in the same process (medians over repeats):
 
-- ``ours``: eva_rl's DT with the preset as is (4 tokens per step: state, rtg, action, reward);
-- ``ours-3tok``: the same with HF's 3-token layout (rtg, state, action; action predicted
-  from the state token), i.e. the same sequence length as HF;
 - ``hf``: transformers' ``DecisionTransformerModel`` (GPT-2 blocks, SDPA attention, gelu)
-  with the same width, depth, heads, MLP width (4x), dropout, context and batch;
+  with the same width, depth, heads, MLP width (4x), dropout (also on attention weights),
+  context and batch; 3 tokens per step (rtg, state, action) and 3 output heads;
+- ``ours-3tok``: our DT with HF's 3-token layout (action predicted from the state token)
+  and the same dropout everywhere: the like-for-like comparison;
+- ``ours-3tok-noad``: the same without attention-weight dropout (``attn_dropout=0``), which
+  lets torch use its fused attention kernel during training;
+- ``ours``: our DT with the preset's own settings (4 tokens per step: state, rtg, action,
+  reward), i.e. 4/3 of HF's sequence length;
 - ``ours-bf16``: ``ours`` under ``torch.autocast("cpu", torch.bfloat16)``.
 
-Peak memory is the growth of the process's peak RSS (``resource.getrusage`` ru_maxrss)
-over a few training steps, each implementation in its own fresh subprocess (so it
-includes activations, gradients and AdamW state, not the model weights or imports).
+Peak memory: each implementation runs in a fresh subprocess that resets the kernel's
+peak-RSS counter (``/proc/self/clear_refs``) after building the model and batch, trains
+2 steps and reads ``VmHWM``: the growth covers activations, gradients and AdamW state,
+not the weights or the imports.
 
 Example:
     python scripts/bench/bench_dt.py --presets small paper --repeats 5
@@ -22,19 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from eva_rl.models import DecisionTransformer, DTConfig
 
-IMPLS = ("ours", "ours-3tok", "hf", "ours-bf16")
+IMPLS = ("hf", "ours-3tok", "ours-3tok-noad", "ours", "ours-bf16")
 BATCH = {"tiny": 32, "small": 64, "paper": 16}
-STEPS = {"tiny": 10, "small": 4, "paper": 1}
+STEPS = {"tiny": 10, "small": 2, "paper": 1}
 
 
 def make_batch(cfg: DTConfig, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,6 +66,9 @@ def build(impl: str, preset: str):
     cfg = DTConfig.preset(preset)
     if impl == "hf":
         from transformers import DecisionTransformerConfig, DecisionTransformerModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its GPT-2 token-id warnings do not apply here
 
         hf_cfg = DecisionTransformerConfig(
             state_dim=cfg.state_dim, act_dim=cfg.act_dim, hidden_size=cfg.n_embd,
@@ -80,9 +89,10 @@ def build(impl: str, preset: str):
             m = b["mask"].float()
             return (((preds - b["actions"]) ** 2).mean(-1) * m).sum() / m.sum()
     else:
-        if impl == "ours-3tok":
+        if impl.startswith("ours-3tok"):
+            attn = 0.0 if impl.endswith("noad") else cfg.dropout
             cfg = DTConfig.preset(preset, token_layout=("rtg", "state", "action"),
-                                  predict_from="state")
+                                  predict_from="state", attn_dropout=attn)
         model = DecisionTransformer(cfg)
         loss_fn = model.loss
     model.train()
@@ -108,20 +118,26 @@ def time_steps(step, batch, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
 def memory_child(impl: str, preset: str) -> None:
-    """Run in a fresh process: print the peak-RSS growth of 3 training steps, in MiB."""
+    """Run in a fresh process: print the peak-RSS growth of 2 training steps, in MiB."""
     _, step = build(impl, preset)
     batch = make_batch(DTConfig.preset(preset), BATCH[preset])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status_kib("VmRSS")
+    for _ in range(2):
         step(batch)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_delta_mib": (after - before) / 1024}))  # ru_maxrss is KiB on Linux
+    print(json.dumps({"peak_delta_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
 def peak_memory(impl: str, preset: str) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", impl, preset],
+        [sys.executable, __file__, "--memory-child", impl, preset,
+         "--threads", str(torch.get_num_threads())],
         capture_output=True, text=True, check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_delta_mib"]
@@ -130,10 +146,13 @@ def peak_memory(impl: str, preset: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description="DT training step: ours vs Hugging Face")
     p.add_argument("--presets", nargs="+", default=["small", "paper"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PRESET"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child)
         return
@@ -159,13 +178,15 @@ def main() -> None:
               f"{'hf/this':>8} {'peak MiB':>9}")
         for impl in IMPLS:
             model = built[impl][0]
-            n_tok = 3 if impl in ("hf", "ours-3tok") else 4
+            n_tok = 3 if impl == "hf" or impl.startswith("ours-3tok") else 4
             params = sum(q.numel() for q in model.parameters())
             spread = f"{min(times[impl]):.0f}-{max(times[impl]):.0f}"
             peak = f"{mem[impl]:.0f}" if mem else "-"
             print(f"{impl:<10} {n_tok * cfg.context_len:>6} {params:>11,} {med[impl]:>9.1f} "
                   f"{spread:>15} {med['hf'] / med[impl]:>8.2f} {peak:>9}")
-        print(f"bf16 autocast / fp32 (ours): {med['ours-bf16'] / med['ours']:.2f}x time")
+        print(f"ratios: hf/ours-3tok {med['hf'] / med['ours-3tok']:.2f}, hf/ours-3tok-noad "
+              f"{med['hf'] / med['ours-3tok-noad']:.2f}, hf/ours {med['hf'] / med['ours']:.2f}; "
+              f"bf16/fp32 time (ours) {med['ours-bf16'] / med['ours']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""The whole experiment in miniature, in a few minutes on 2 CPU cores.
+
+1. collect a small scripted-expert dataset (noise spread 0-0.5) for a few MT40 tasks and
+   two CW10 tasks;
+2. pretrain a tiny Decision Transformer on the MT40 part (scripts/pretrain.py);
+3. fine-tune `lora`, `eva` and `eva_dora` sequentially on the two CW10 tasks, evaluate
+   after each task (success matrix), and write the report, plots and tensorboard logs.
+
+Re-runnable: a second run reuses every finished step (datasets, the pretrained model,
+finished tasks) and continues an interrupted one.
+
+Example:
+    python scripts/quickstart.py --out runs/quickstart
+    tensorboard --logdir runs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from agents.collection import collect_datasets
+from agents.experts import ScriptedCollector
+from agents.finetune import get_config
+from agents.protocols import Experiment, run_experiment
+from agents.reports import format_table, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v3",
+                  "plate-slide-v3", "window-open-v3")
+FINETUNE_TASKS = ("faucet-close-v3", "window-close-v3")
+METHODS = ("lora", "eva", "eva_dora")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/quickstart", help="where everything goes")
+    p.add_argument("--episodes", type=int, default=10, help="expert episodes per task")
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning updates per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see finetune.py)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def pretrain(data: Path, out: Path, steps: int, seed: int, threads: int, quiet: bool) -> float:
+    """Run scripts/pretrain.py (skipped when finished, resumed when interrupted)."""
+    if (out / "model.safetensors").is_file():
+        print(f"[2/3] pretrained model exists: {out}")
+        return 0.0
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--data", str(data),
+           "--tasks", ",".join(PRETRAIN_TASKS), "--preset", "tiny", "--steps", str(steps),
+           "--batch-size", "64", "--lr", "1e-3", "--checkpoint-every", "500", "--seed",
+           str(seed), "--out", str(out), "--device", "cpu"]
+    if (out / "checkpoints").is_dir():
+        cmd.append("--resume")
+    if quiet:
+        cmd.append("--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"[2/3] pretraining a tiny DT for {steps} steps ...")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    data, pre, ft = out / "data", out / "pretrain", out / "finetune"
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    print(f"[1/3] collecting {args.episodes} expert episodes for {len(PRETRAIN_TASKS)} MT40 "
+          f"and {len(FINETUNE_TASKS)} CW10 tasks ...")
+    t0 = time.perf_counter()
+    collector = ScriptedCollector(noise=(0.0, 0.1, 0.3, 0.5), max_episode_steps=200)
+    summaries = collect_datasets(PRETRAIN_TASKS + FINETUNE_TASKS, collector, args.episodes,
+                                 data, seed=args.seed, workers=2,
+                                 progress=not args.no_progress)
+    times["collect"] = time.perf_counter() - t0
+    for s in summaries:
+        print(f"      {s.task:<20} {s.status:<9} {s.n_episodes} episodes, "
+              f"success {s.success_rate:.2f}, mean return {s.mean_return:.0f}")
+
+    times["pretrain"] = pretrain(data, pre, args.pretrain_steps, args.seed, args.threads,
+                                 args.no_progress)
+
+    config = get_config("quick").replace(steps=args.steps, device="cpu",
+                                         progress=not args.no_progress)
+    exp = Experiment(pretrained=str(pre), data=str(data), tasks=FINETUNE_TASKS, methods=METHODS,
+                     seeds=(args.seed,), protocol="sequential", config=config)
+    print(f"[3/3] fine-tuning {', '.join(METHODS)} sequentially on {', '.join(FINETUNE_TASKS)} "
+          f"({config.steps} updates per task) ...")
+    t0 = time.perf_counter()
+    results = run_experiment(exp, ft, resume=True)
+    times["finetune"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_all
+    (out / "timings.json").write_text(json.dumps(times, indent=2))
+
+    print()
+    print(format_table(summarize(results)))
+    print(f"\ndone in {times['total']:.0f} s (collect {times['collect']:.0f} s, pretrain "
+          f"{times['pretrain']:.0f} s, fine-tune + evaluate {times['finetune']:.0f} s)")
+    print(f"report:      {ft / 'report.md'}")
+    print(f"plots:       {ft / 'plots'}/")
+    print(f"results:     {ft / 'results.json'}, {ft / 'results.csv'}")
+    print(f"tensorboard: tensorboard --logdir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

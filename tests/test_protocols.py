@@ -1,0 +1,169 @@
+"""Tiny end to end: scripted-expert data, a tiny pretrained DT, fine-tuning protocols,
+interruption + resume, and the bad-input errors of scripts/finetune.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.finetune import get_config
+from agents.protocols import Experiment, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("faucet-close-v3", "window-close-v3")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread is far faster than two on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from agents.collection import collect_datasets
+    from agents.experts import ScriptedCollector
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    collect_datasets(TASKS, ScriptedCollector(noise=(0.0, 0.3), max_episode_steps=30), 2, data,
+                     progress=False)
+    pre = root / "pre"
+    load_script("pretrain").main(["--data", str(data), "--tasks", ",".join(TASKS), "--preset",
+                                  "tiny", "--steps", "6", "--batch-size", "8", "--out",
+                                  str(pre), "--no-progress", "--checkpoint-every", "0"])
+    return root, data, pre
+
+
+def tiny_config(**kw):
+    cfg = get_config("quick").replace(steps=6, batch_size=8, warmup_steps=1, eval_every=0,
+                                      eval_at_start=False, eval_episodes=1, max_episode_steps=15,
+                                      checkpoint_every=2, log_every=2, eva_batch_size=4,
+                                      eva_max_batches=4, device="cpu", progress=False)
+    return cfg.replace(**kw)
+
+
+def experiment(setup, protocol="sequential", methods=("eva_dora",), **kw):
+    _, data, pre = setup
+    return Experiment(pretrained=str(pre), data=str(data), tasks=TASKS, methods=methods,
+                      seeds=(0,), protocol=protocol, config=tiny_config(**kw))
+
+
+def comparable(results):
+    """Everything of the results except wall-clock times."""
+    def strip(rec):
+        return {k: v for k, v in rec.items() if "seconds" not in k and k != "eva_share"
+                and k != "eva"}
+    return [{**run, "per_task": [strip(r) for r in run["per_task"]]} for run in results["runs"]]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
+    exp = experiment(setup)
+    full = run_experiment(exp, tmp_path / "full", report=False)
+    run = full["runs"][0]
+    assert len(run["per_task"]) == 2
+    S = np.asarray(run["success_matrix"])
+    assert S.shape == (2, 2) and np.all((S >= 0) & (S <= 1))
+    rec = run["per_task"][1]
+    assert rec["trainable_params"] > 0 and rec["first_grad_norm"] > 0
+    assert rec["eva_ranks"] and sum(rec["eva_ranks"].values()) == 4 * len(rec["eva_ranks"])
+    assert rec["loss_curve"]["steps"] == [2, 4, 6]
+    assert 0 < rec["eva_share"] < 1 and rec["eva_seconds"] > 0
+    # the second task's adapter sits next to the first one's on the frozen base
+    assert (tmp_path / "full/runs/eva_dora/seed_0/00_faucet-close-v3/adapter").is_dir()
+
+    def stop(task, step):  # interrupt the second task after 3 updates (checkpoint at 2)
+        if task == TASKS[1] and step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_experiment(exp, tmp_path / "cut", hook=stop, report=False)
+    cut = tmp_path / "cut/runs/eva_dora/seed_0"
+    assert (cut / "00_faucet-close-v3/record.json").is_file()
+    assert not (cut / "01_window-close-v3/record.json").exists()
+    assert (cut / "01_window-close-v3/train/checkpoints/step_2").is_dir()
+    first = (cut / "00_faucet-close-v3/record.json").read_text()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_experiment(exp, tmp_path / "cut", report=False)
+    resumed = run_experiment(exp, tmp_path / "cut", resume=True)
+    assert (cut / "00_faucet-close-v3/record.json").read_text() == first  # not redone
+    assert comparable(resumed) == comparable(full)
+    assert (tmp_path / "cut/report.md").is_file() and (tmp_path / "cut/results.csv").is_file()
+    saved = json.loads((tmp_path / "cut/results.json").read_text())
+    assert saved["runs"][0]["success_matrix"] == run["success_matrix"]
+
+
+def test_single_fft_and_resume_with_other_settings(setup, tmp_path):
+    exp = experiment(setup, protocol="single", methods=("fft", "lora"), eval_every=3,
+                     eval_at_start=True, steps=3)
+    res = run_experiment(exp, tmp_path / "single")
+    fft, lora = res["runs"]
+    assert fft["success_matrix"] is None and len(fft["per_task"]) == 2
+    assert fft["per_task"][0]["trainable_params"] > 10 * lora["per_task"][0]["trainable_params"]
+    curve = lora["per_task"][0]["success_curve"]
+    assert curve["steps"] == [0, 3]
+    assert lora["per_task"][0]["auc"] == pytest.approx(np.mean(curve["success"]))
+    assert (tmp_path / "single/plots/success_per_task_single.png").is_file()
+    other = experiment(setup, protocol="single", methods=("fft", "lora"), eval_every=3,
+                       eval_at_start=True, steps=4)
+    with pytest.raises(ValueError, match="steps: 3 -> 4"):
+        run_experiment(other, tmp_path / "single", resume=True)
+
+
+def test_finetune_script_bad_input(setup, tmp_path, capsys):
+    root, data, pre = setup
+    main = load_script("finetune").main
+    base = ["--pretrained", str(pre), "--data", str(data), "--tasks", ",".join(TASKS),
+            "--config", "quick", "--steps", "2", "--eval-episodes", "1",
+            "--max-episode-steps", "10", "--no-progress"]
+
+    def error(argv):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+        return err
+
+    out = str(tmp_path / "run")
+    assert "valid methods: fft, lora" in error(base + ["--methods", "lorra", "--out", out])
+    assert "hamer" in error(base[:4] + ["--tasks", "hamer", "--methods", "lora", "--out", out])
+    assert "missing" in error(base[:4] + ["--tasks", "reach", "--methods", "lora", "--out", out])
+    assert not Path(out).exists()  # nothing written on bad input
+    # a pretrained run whose dimensions do not fit the data
+    bad = root / "bad-pre"
+    bad.mkdir(exist_ok=True)
+    cfg = json.loads((pre / "config.json").read_text())
+    cfg["model"]["state_dim"] = 12
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((pre / "model.safetensors").read_bytes())
+    argv = base + ["--methods", "lora", "--out", out]
+    argv[1] = str(bad)
+    assert "dims" in error(argv)
+    # an existing run directory without --resume / --overwrite
+    Path(out).mkdir()
+    (Path(out) / "keep.txt").write_text("precious")
+    assert "--resume" in error(base + ["--methods", "lora", "--out", out, "--tasks", TASKS[0]])
+    assert (Path(out) / "keep.txt").read_text() == "precious"
+    # --overwrite moves the old run aside instead of deleting it
+    assert main(base + ["--methods", "lora", "--out", out, "--tasks", TASKS[0],
+                        "--overwrite"]) == 0
+    capsys.readouterr()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "precious"
+    assert (Path(out) / "report.md").is_file()
