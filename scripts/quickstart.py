@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/3] fine-tuning {', '.join(METHODS)} sequentially on {', '.join(FINETUNE_TASKS)} "
           f"({config.steps} updates per task) ...")
     t0 = time.perf_counter()
-    results = run_experiment(exp, ft, resume=True)
+    try:
+        results = run_experiment(exp, ft, resume=True)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     times["finetune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
     (out / "timings.json").write_text(json.dumps(times, indent=2))

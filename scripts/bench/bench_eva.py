@@ -125,10 +125,11 @@ def bench_solvers(args, device):
             batched = {s: ([], []) for s in times}
             for _ in range(args.repeats + 1):
                 for s in times:
-                    times[s].append(timed(lambda s=s: decompose(m, k, s), device)[0])
-                    batched[s][0].append(timed(lambda s=s: decompose(mb, k, s), device)[0])
-                    batched[s][1].append(
-                        timed(lambda s=s: [decompose(mb[i], k, s) for i in range(6)], device)[0])
+                    times[s].append(timed(lambda s=s, m=m: decompose(m, k, s), device)[0])
+                    batched[s][0].append(
+                        timed(lambda s=s, mb=mb: decompose(mb, k, s), device)[0])
+                    batched[s][1].append(timed(
+                        lambda s=s, mb=mb: [decompose(x, k, s) for x in mb], device)[0])
             t = {s: med(v[1:]) * 1e3 for s, v in times.items()}
             ratio = "/".join(f"{med(batched[s][1][1:]) / med(batched[s][0][1:]):.2f}x"
                              for s in ("exact", "gram", "lowrank"))
@@ -249,38 +250,38 @@ def step_time(model, batches, device, steps):
 
 def bench_share(args, device):
     print("\n## EVA init as a share of one task's fine-tuning time (agents.finetune.CONFIGS)")
-    for preset, name in ((args.preset, "cpu"), ("paper", "paper")):
-        if preset == "paper" and args.skip_paper:
-            continue
-        ft = CONFIGS[name]
-        model = make_model(args, preset, device)
-        cfg = model.config
-        eva_b = ft.eva_batch_size if device.type == "cuda" or preset != "paper" else \
-            args.paper_eva_batch
-        batches = make_batches(args, cfg, min(ft.eva_max_batches, 60), eva_b, device, seed=1)
-        forward, mask_fn = dt_forward_and_mask(model)
-        ecfg = EvaConfig(rank=ft.rank, rho=ft.rho, tau=ft.tau, max_batches=ft.eva_max_batches,
-                         alpha=ft.alpha)
-        eva_t = []
-        for _ in range(args.repeats):
-            t, res = timed(lambda: compute_eva(model, batches, ecfg, forward, mask_fn), device)
-            eva_t.append(t)
-        apply_eva(model, "task", res, AdapterConfig(method="lora", rank=ft.rank, alpha=ft.alpha))
-        train_b = ft.batch_size
-        scale = 1.0
-        if device.type == "cpu" and preset == "paper":  # batch 128 x 200 tokens: too slow here
-            train_b, scale = args.paper_train_batch, ft.batch_size / args.paper_train_batch
-        tb = make_batches(args, cfg, 4, train_b, device, seed=2)
-        st = step_time(model, tb, device, args.steps) * scale
-        total = st * ft.steps
-        share = med(eva_t) / (med(eva_t) + total)
-        note = (f" (step timed at batch {train_b}, x{scale:g} assumed linear)" if scale != 1
-                else "")
-        print(f"{preset} DT ({model.num_parameters() / 1e6:.2f}M params), fine-tuning config "
-              f"{name!r}: EVA {med(eva_t):.3f}s ({res.batches_used} batches of {eva_b} windows,"
-              f" {res.stop_reason}); train step {st * 1e3:.1f} ms{note} x {ft.steps} steps = "
-              f"{total:.1f}s -> EVA share {100 * share:.3f}% (paper 0.2-0.7%, goal <= 0.5%)")
-        del model
+    share_one(args, device, args.preset, "cpu")
+    if not args.skip_paper:
+        share_one(args, device, "paper", "paper")
+
+
+def share_one(args, device, preset: str, name: str) -> None:
+    ft = CONFIGS[name]
+    model = make_model(args, preset, device)
+    cfg = model.config
+    eva_b = args.paper_eva_batch if device.type == "cpu" and preset == "paper" else \
+        ft.eva_batch_size
+    batches = make_batches(args, cfg, min(ft.eva_max_batches, 60), eva_b, device, seed=1)
+    forward, mask_fn = dt_forward_and_mask(model)
+    ecfg = EvaConfig(rank=ft.rank, rho=ft.rho, tau=ft.tau, max_batches=ft.eva_max_batches,
+                     alpha=ft.alpha)
+    eva_t = []
+    for _ in range(args.repeats):
+        t, res = timed(lambda: compute_eva(model, batches, ecfg, forward, mask_fn), device)
+        eva_t.append(t)
+    apply_eva(model, "task", res, AdapterConfig(method="lora", rank=ft.rank, alpha=ft.alpha))
+    train_b, scale = ft.batch_size, 1.0
+    if device.type == "cpu" and preset == "paper":  # batch 128 x 200 tokens: too slow here
+        train_b, scale = args.paper_train_batch, ft.batch_size / args.paper_train_batch
+    tb = make_batches(args, cfg, 4, train_b, device, seed=2)
+    st = step_time(model, tb, device, args.steps) * scale
+    total = st * ft.steps
+    share = med(eva_t) / (med(eva_t) + total)
+    note = f" (timed at batch {train_b}, x{scale:g} assumed linear)" if scale != 1 else ""
+    print(f"{preset} DT ({model.num_parameters() / 1e6:.2f}M params), fine-tuning config "
+          f"{name!r}: EVA {med(eva_t):.3f}s ({res.batches_used} batches of {eva_b} windows, "
+          f"{res.stop_reason}); train step {st * 1e3:.1f} ms{note} x {ft.steps} steps = "
+          f"{total:.1f}s -> EVA share {100 * share:.3f}% (paper 0.2-0.7%, goal <= 0.5%)")
 
 
 def bench_theorem(args, device):
