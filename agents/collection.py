@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from agents.experts import SACCollector, ScriptedCollector
-from envs import resolve_tasks
+from envs import resolve_task, resolve_tasks
 from eva_rl.data import (
     DatasetError,
     TrajectoryDataset,
@@ -101,6 +101,7 @@ def collect_task(
     progress=None,
 ) -> TaskSummary:
     """Collect one task and write ``out_dir/<task>``; ``progress(n)`` after episodes."""
+    task = resolve_task(task)
     start = time.perf_counter()
     traj = collector.collect(task, n_episodes, seed=task_seed(seed, task), progress=progress)
     ds = write_dataset(
@@ -141,15 +142,13 @@ def _existing(path: Path, expected: dict[str, Any]) -> TrajectoryDataset | None:
 _progress_queue = None  # set in worker processes by _init_worker
 
 
-def _init_worker(q) -> None:
+def _init_worker(q, uses_torch: bool) -> None:
     global _progress_queue
     _progress_queue = q
-    try:
-        import torch  # SAC trains with torch: one thread per worker process
+    if uses_torch:  # SAC: one torch thread per worker process, or they fight for cores
+        import torch
 
         torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def _worker(task, collector, n_episodes, out_dir, seed) -> TaskSummary:
@@ -220,7 +219,7 @@ def _run_pool(pending, collector, n_episodes, out, seed, workers, bar) -> dict[s
         max_workers=min(workers, len(pending)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(q,),
+        initargs=(q, isinstance(collector, SACCollector)),
     )
     futures = {
         pool.submit(_worker, task, collector, n_episodes, out, seed): task for task in pending

@@ -259,7 +259,7 @@ def init_eva(agent: DTAgent, dataset: TrajectoryDataset, method: Method,
     Returns the result and whether it was computed now (False: loaded)."""
     if (eva_dir / "eva.json").is_file():
         return EvaResult.load(eva_dir), False
-    eva_config = EvaConfig(rank=config.rank, rho=config.rho, tau=config.tau,
+    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, method.min_rho), tau=config.tau,
                            max_batches=config.eva_max_batches, alpha=config.alpha,
                            reverse=method.reverse, seed=seed)
     forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)

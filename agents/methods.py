@@ -27,6 +27,8 @@ class Method:
     """Initialise ``A`` with EVA on the task's data (rank allocation per ``rho``)."""
     reverse: bool = False
     """EVA ablation: keep the *lowest*-variance components instead of the highest."""
+    min_rho: float = 1.0
+    """Smallest rho the method runs with (reverse needs spare components to choose from)."""
     description: str = ""
 
     @property
@@ -52,8 +54,10 @@ METHODS: dict[str, Method] = {
         Method("eva", "lora", eva=True, description="EVA: A = top right-singular vectors of "
                "the task's activations, B = 0"),
         Method("eva_dora", "dora", eva=True, description="EVA-initialised DoRA"),
-        Method("eva_reverse", "lora", eva=True, reverse=True,
-               description="ablation: EVA with the lowest-variance components"),
+        # with rho = 1 EVA computes exactly r components per layer and "the lowest r" would
+        # be the same set as "the top r"; rho >= 2 makes it pick the lower half
+        Method("eva_reverse", "lora", eva=True, reverse=True, min_rho=2.0,
+               description="ablation: EVA with the lowest-variance computed components"),
     )
 }
 

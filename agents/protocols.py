@@ -85,7 +85,9 @@ class Experiment:
             raise ValueError(f"seeds must be a non-empty list without repeats, got {self.seeds}")
         if self.protocol == "single" and len(set(self.tasks)) != len(self.tasks):
             raise ValueError("the single protocol trains each task once; drop the repeats")
-        self.pretrained, self.data = str(self.pretrained), str(self.data)
+        # absolute, so a resume that spells the same path differently still matches
+        self.pretrained = str(Path(self.pretrained).resolve())
+        self.data = str(Path(self.data).resolve())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
@@ -119,10 +121,6 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     if horizon > model["max_ep_len"]:
         raise ValueError(f"max_episode_steps={horizon} exceeds the pretrained model's "
                          f"max_ep_len={model['max_ep_len']}")
-    for name in exp.methods:
-        method = get_method(name)
-        if method.eva and exp.config.rank * exp.config.rho < 1:
-            raise ValueError(f"{name}: rank * rho must be >= 1")
     return datasets
 
 

@@ -318,7 +318,8 @@ def render_markdown(results: dict, summary: dict, plots: Sequence[str] = ()) -> 
 
 def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
              vmax: float | None = 1.0, fmt: str = ".2f", cmap: str = "viridis") -> Figure:
-    fig = Figure(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.45 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 2.0 + 0.7 * len(cols)), max(2.5, 1.2 + 0.4 * len(rows))),
+                 layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(matrix, vmin=0.0, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
@@ -336,7 +337,7 @@ def figure_success_matrix(entry: dict, method: str) -> Figure:
     """Heatmap of the (seed-mean) success matrix of a sequential run."""
     tasks = [short_name(t) for t in entry["tasks"]]
     fig = _heatmap(np.asarray(entry["success_matrix"]), [f"after {t}" for t in tasks], tasks,
-                   f"{method}: success on task j (column) after training task i (row)")
+                   f"{method}: success on each task (column)\nafter training task i (row)")
     return fig
 
 
@@ -385,8 +386,7 @@ def eva_rank_table(run: dict) -> tuple[list[str], list[str], np.ndarray] | None:
     recs = [r for r in run["per_task"] if r.get("eva_ranks")]
     if not recs:
         return None
-    layers = sorted({layer for r in recs for layer in r["eva_ranks"]},
-                    key=lambda name: [int(p) if p.isdigit() else p for p in name.split(".")])
+    layers = list(dict.fromkeys(layer for r in recs for layer in r["eva_ranks"]))  # model order
     ranks = np.array([[r["eva_ranks"].get(layer, 0) for r in recs] for layer in layers],
                      dtype=np.float64)
     return layers, [short_name(r["task"]) for r in recs], ranks
@@ -399,7 +399,7 @@ def figure_eva_ranks(run: dict) -> Figure | None:
         return None
     layers, tasks, ranks = table
     fig = _heatmap(ranks, layers, tasks, f"{run['method']} (seed {run['seed']}, "
-                   f"{run['protocol']}): EVA rank per layer", vmax=None, fmt=".0f",
+                   f"{run['protocol']}):\nEVA rank per layer and task", vmax=None, fmt=".0f",
                    cmap="magma")
     return fig
 

@@ -102,10 +102,9 @@ def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
     first = (cut / "00_faucet-close-v3/record.json").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         run_experiment(exp, tmp_path / "cut", report=False)
-    resumed = run_experiment(exp, tmp_path / "cut", resume=True)
+    resumed = run_experiment(exp, tmp_path / "cut", resume=True, report=False)
     assert (cut / "00_faucet-close-v3/record.json").read_text() == first  # not redone
     assert comparable(resumed) == comparable(full)
-    assert (tmp_path / "cut/report.md").is_file() and (tmp_path / "cut/results.csv").is_file()
     saved = json.loads((tmp_path / "cut/results.json").read_text())
     assert saved["runs"][0]["success_matrix"] == run["success_matrix"]
 
@@ -167,3 +166,49 @@ def test_finetune_script_bad_input(setup, tmp_path, capsys):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "precious"
     assert (Path(out) / "report.md").is_file()
+
+
+def test_method_registry():
+    from agents.methods import METHODS, get_method, parse_methods
+
+    assert list(METHODS) == ["fft", "lora", "dora", "pissa", "olora", "eva", "eva_dora",
+                             "eva_reverse"]
+    assert [m.name for m in parse_methods("lora, EVA,lora")] == ["lora", "eva"]
+    assert get_method("eva_dora").adapter == "dora" and get_method("eva_dora").eva
+    assert get_method("fft").is_full
+    with pytest.raises(ValueError, match="unknown method 'evaa'; valid methods: fft, lora"):
+        get_method("evaa")
+
+
+def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
+    """Each method's initialisation leaves the model's predictions unchanged (B = 0, or the
+    PiSSA/OLoRA offset), trains only what it should, and EVA-reverse picks other components."""
+    from agents.finetune import attach_method, init_eva
+    from agents.methods import METHODS
+    from agents.protocols import check_inputs, load_agent
+    from eva_rl.data import WindowSampler
+
+    exp = experiment(setup, protocol="single", methods=tuple(METHODS))
+    datasets = check_inputs(exp)
+    ds = datasets[TASKS[0]]
+    cfg = exp.config
+    counts = {}
+    for name, method in METHODS.items():
+        agent = load_agent(exp, datasets)
+        batch = WindowSampler([ds], agent.config.context_len, state_mean=agent.state_mean,
+                              state_std=agent.state_std, seed=1).sample(4)
+        batch = {k: torch.as_tensor(v) for k, v in batch.items() if k != "task_index"}
+        before = agent.model(**batch)
+        counts[name], _, ranks, _ = attach_method(agent, TASKS[0], ds, method, cfg, 0,
+                                                  tmp_path / name)
+        torch.testing.assert_close(agent.model(**batch), before, atol=1e-5, rtol=1e-4)
+        assert (ranks is not None) == method.eva
+    assert counts["lora"] == counts["eva"] == counts["pissa"] == counts["olora"]
+    assert counts["dora"] == counts["eva_dora"] > counts["lora"]
+    assert counts["fft"] > 10 * counts["lora"]
+    top, _ = init_eva(load_agent(exp, datasets), ds, METHODS["eva"], cfg, 0, tmp_path / "eva")
+    low, _ = init_eva(load_agent(exp, datasets), ds, METHODS["eva_reverse"], cfg, 0,
+                      tmp_path / "eva_reverse")
+    layer = "blocks.0.attn.q_proj"
+    assert low.config.rho == 2.0
+    assert not torch.allclose(top.lora_A()[layer].abs(), low.lora_A()[layer].abs())

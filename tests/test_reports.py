@@ -37,7 +37,7 @@ def seq_run(method, seed, matrix, aucs, ranks=None):
             "success_matrix": matrix, "return_matrix": matrix, "config": {}}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def results():
     res = reports.empty_results({"note": "test"})
     ranks = {"blocks.0.attn.q_proj": 6, "blocks.0.mlp.fc_in": 2, "blocks.10.mlp.fc_out": 0}
@@ -80,8 +80,15 @@ def test_summary_numbers(results):
     assert s["sequential"]["eva"]["eva_share"] == pytest.approx(0.05)
 
 
-def test_write_report_files(results, tmp_path):
-    paths = reports.write_report(results, tmp_path)
+@pytest.fixture(scope="module")
+def written(results, tmp_path_factory):
+    """One full report (plots are the slow part), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("report")
+    return out, reports.write_report(results, out)
+
+
+def test_write_report_files(results, written):
+    tmp_path, paths = written
     loaded = reports.load_results(tmp_path)
     assert loaded["runs"][0] == results["runs"][0]
     rows = list(csv.DictReader(open(paths["csv"])))
@@ -108,10 +115,10 @@ def test_write_report_files(results, tmp_path):
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
-def test_tensorboard_tags_and_rewrite(results, tmp_path):
+def test_tensorboard_tags_and_rewrite(results, written):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    reports.write_report(results, tmp_path)
+    tmp_path, _ = written
     summary = EventAccumulator(str(tmp_path / "tb" / "summary"))
     summary.Reload()
     assert "plots/success_matrix_lora" in summary.Tags()["images"]

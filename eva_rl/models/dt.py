@@ -24,12 +24,15 @@ from torch import nn
 
 MODALITIES = ("state", "rtg", "action", "reward")
 
-# Sizes chosen from the measured CPU step times in benchmark-facts.md: `small` (~0.6M
-# parameters, ~50 ms per batch-32 step on 2 cores) is for experiments on this machine,
-# `tiny` for tests, `paper` is the EVA paper's model (GPU-sized).
+# Sizes chosen from the measured CPU step times in benchmark-facts.md: `small` (0.6M
+# parameters in the blocks) is for experiments on this CPU, `tiny` for tests, `paper` is
+# the EVA paper's model (GPU-sized). `small` skips dropout on attention weights: on the
+# CPU that dropout forces torch's unfused attention and measured ~2x slower training
+# steps (scripts/bench/bench_dt.py).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, context_len=5, dropout=0.0),
-    "small": dict(n_layer=3, n_head=4, n_embd=128, context_len=20, dropout=0.1),
+    "small": dict(n_layer=3, n_head=4, n_embd=128, context_len=20, dropout=0.1,
+                  attn_dropout=0.0),
     "paper": dict(n_layer=4, n_head=8, n_embd=512, context_len=50, dropout=0.2),
 }
 
