@@ -203,6 +203,8 @@ def test_config_and_target_errors(model: Tiny) -> None:
         add_adapter(model, "t", AdapterConfig(rank_pattern={"blocks.*.q_proj": 2}))
     with pytest.raises(ValueError, match="pissa rank 9 on layer 'blocks.0.fc_in'"):
         add_adapter(model, "t", AdapterConfig(method="pissa", rank=9))
+    with pytest.raises(ValueError, match="alpha must be > 0 on layer 'blocks.1.fc_in'"):
+        add_adapter(model, "t", AdapterConfig(alpha_pattern={"blocks.1.fc_in": 0.0}))
     with pytest.raises(ValueError, match="adapter name"):
         add_adapter(model, "a.b", AdapterConfig())
     assert adapter_layers(model) == {}
@@ -299,6 +301,10 @@ def test_dora_output_and_detached_norm(model: Tiny, x: torch.Tensor) -> None:
     torch.testing.assert_close(
         layer.effective_weight("d") @ h.T + layer.bias[:, None], expected.T, rtol=1e-5, atol=1e-5
     )
+    layer.weight.data.mul_(1.5)  # an in-place edit of the base is seen (no stale norm)
+    w_dir = layer.weight + layer.scaling["d"] * layer.lora_B["d"] @ layer.lora_A["d"]
+    expected = (layer.lora_magnitude_vector["d"] / w_dir.norm(dim=1)) * (h @ w_dir.T) + layer.bias
+    torch.testing.assert_close(layer(h), expected, rtol=1e-5, atol=1e-6)
     # the norm is a constant for autograd: d out / d m = direction output / norm
     layer.zero_grad()
     layer(h).sum().backward()

@@ -74,7 +74,6 @@ class AdapterLinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self._merge_backup: Tensor | None = None
-        self._row_sq_cache: tuple[tuple, Tensor] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -154,13 +153,11 @@ class AdapterLinear(nn.Module):
         return self.variant(name).forward(self, name, x)
 
     def base_row_sq_norm(self) -> Tensor:
-        """Row-wise ‖W‖² of the unmerged base weight (out,), cached while W is unchanged."""
-        w = self.unmerged_weight()
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if self._row_sq_cache is None or self._row_sq_cache[0] != key:
-            with torch.no_grad():
-                self._row_sq_cache = (key, w.detach().square().sum(dim=1))
-        return self._row_sq_cache[1]
+        """Row-wise ‖W‖² of the unmerged base weight (out,), detached.
+
+        Not cached: it costs 1/r of the W A^T product DoRA's norm needs anyway, and a cache
+        keyed on the weight would miss in-place edits made through `.data`."""
+        return self.unmerged_weight().detach().square().sum(dim=1)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without any merged adapter."""

@@ -78,6 +78,9 @@ def add_adapter(
     for path, (rank, _) in plan.items():
         layer = candidates[path]
         variant.check_rank(path, rank, layer.in_features, layer.out_features)
+        if rank > 0 and config.alpha_for(path) <= 0:
+            raise ValueError(f"alpha must be > 0 on layer {path!r} (rank {rank}), got "
+                             f"{config.alpha_for(path)}")
 
     for path, (rank, a) in plan.items():
         layer = _wrap(model, path, candidates[path])

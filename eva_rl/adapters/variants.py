@@ -72,8 +72,8 @@ class DoraVariant(LoraVariant):
     """DoRA (Liu et al. 2024): magnitude times the unit-row direction of W + s·B A.
 
     The row norm is detached from the graph (DoRA paper, section 4.3) and computed without
-    the dense (out, in) delta: ‖W + sBA‖² = ‖W‖² + 2s⟨W A^T, B⟩ + s²⟨B (A A^T), B⟩ row-wise,
-    with ‖W‖² cached while W is unchanged. Same maths as PEFT's `DoraLinearLayer`.
+    the dense (out, in) delta: ‖W + sBA‖² = ‖W‖² + 2s⟨W A^T, B⟩ + s²⟨B (A A^T), B⟩ row-wise.
+    Same maths as PEFT's `DoraLinearLayer`; forward and backward are fused (`dora_linear`).
     """
 
     name = "dora"

@@ -80,7 +80,7 @@ class EvaConfig:
     svd: str = "auto"
     """Solver: "auto" | "exact" | "lowrank" | "gram" (see `incremental_svd`)."""
     batch_layers: bool | None = None
-    """Decompose equal-shaped layers in one batched call; None = on GPU only (measured)."""
+    """Decompose equal-shaped layers in one batched call; None = where measured faster."""
     target_modules: Sequence[str] = DEFAULT_TARGETS
     """Layers to initialise: paths or fnmatch globs, as `AdapterConfig.target_modules`."""
     gather_distributed: bool = True
@@ -440,10 +440,8 @@ def _update(
     if not leaders:
         return
     prev = {p: svds[p].components_ for p in leaders if svds[p].fitted}
-    device = rows[leaders[0]].device
-    batched = config.batch_layers if config.batch_layers is not None else device.type == "cuda"
     updated = partial_fit_many([svds[p] for p in leaders], [rows[p] for p in leaders],
-                               batched=batched)
+                               batched=config.batch_layers)
     for p, ok in zip(leaders, updated, strict=True):
         if ok and p in prev:
             sim = F.cosine_similarity(svds[p].components_, prev[p], dim=1)

@@ -115,7 +115,10 @@ class ActivationCollector:
                     )
                 x = x[self._mask.to(x.device)]
             x = x.float()
-            self._rows[path] = all_gather_rows(x) if self.gather else x
+            x = all_gather_rows(x) if self.gather else x
+            if path in self._rows:  # the layer ran more than once in this forward
+                x = torch.cat([self._rows[path], x])
+            self._rows[path] = x
 
         return hook
 

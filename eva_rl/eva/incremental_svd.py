@@ -26,9 +26,12 @@ SOLVERS = ("auto", "exact", "lowrank", "gram")
 def choose_solver(n_features: int, n_components: int, device: torch.device) -> str:
     """The fastest solver for a `(m, n_features)` update, as measured on the bench machines.
 
-    CPU (2 cores, torch 2.13, m = 256..4096): the Gram + `eigh` route was 3-7x faster than
-    the exact SVD and 2-8x faster than `svd_lowrank` up to d = 256; at d = 512 `svd_lowrank`
-    (q = 2k) was fastest. GPU: `svd_lowrank` (a few GEMMs) unless k is close to d.
+    CPU (shared 2-core machine, torch 2.13, one update of 640..2560 rows, k = 16; table in
+    scripts/bench/bench_eva.py): Gram + `eigh` was 1.6-4x faster than the exact SVD and
+    2.3-13x faster than `svd_lowrank` for d <= 128 (and fastest at d = 256 too); at d = 512
+    `svd_lowrank` (q = 2k) was 1.9-4x faster than Gram. The Gram route squares the condition
+    number, which costs accuracy only in the small trailing singular values, not the top-k
+    components EVA keeps. GPU (not measured here): `svd_lowrank`, a few GEMMs.
     """
     if 2 * n_components >= n_features:
         return "gram" if device.type == "cpu" else "exact"
@@ -230,10 +233,17 @@ class IncrementalSVD:
         }
 
 
+def batch_pays_off(n_features: int, device: torch.device) -> bool:
+    """Whether one batched solver call beats a loop over layers (bench_eva, 6 layers):
+    CPU 1.1-1.8x at d <= 128, 0.9-1.05x at d = 512; on a GPU one call saves launches."""
+    return device.type == "cuda" or n_features <= 128
+
+
 def partial_fit_many(
-    svds: Sequence[IncrementalSVD], xs: Sequence[torch.Tensor], batched: bool = True
+    svds: Sequence[IncrementalSVD], xs: Sequence[torch.Tensor], batched: bool | None = None
 ) -> list[bool]:
-    """`partial_fit` several estimators; equal-shaped updates go through one batched solver call.
+    """`partial_fit` several estimators; equal-shaped updates go through one batched solver call
+    (`batched=None`: where `batch_pays_off`).
 
     Returns, per estimator, whether it was updated (False: too few rows on its first batch).
     """
@@ -245,7 +255,8 @@ def partial_fit_many(
         solver = svd.svd if svd.svd != "auto" else choose_solver(m.shape[1], svd.n_components,
                                                                  m.device)
         key = (tuple(m.shape), svd.n_components, solver, svd.lowrank_niter, svd.seed, m.device)
-        groups.setdefault(key if batched else (i,) + key, []).append(i)
+        together = batch_pays_off(m.shape[1], m.device) if batched is None else batched
+        groups.setdefault(key if together else (i,) + key, []).append(i)
     for key, idx in groups.items():
         first = svds[idx[0]]
         solver = key[-4]

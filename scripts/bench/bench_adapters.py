@@ -26,6 +26,7 @@ from eva_rl.models.dt import DecisionTransformer, DTConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
 METHODS = ("lora", "dora", "pissa")
+DEFAULT_BATCH = {"tiny": 64, "small": 32, "paper": 4}  # paper: 4 x 200 tokens, CPU-sized
 
 
 def make_batch(cfg: DTConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -122,8 +123,8 @@ def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[32, 2],
-                        help="batch size per preset (last value repeats)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"batch size (default per preset: {DEFAULT_BATCH})")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=5)
@@ -138,11 +139,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"medians of {args.repeats} interleaved repeats x {args.iters} steps; "
           "fwd+bwd, no optimiser step")
-    for i, preset in enumerate(args.presets):
+    for preset in args.presets:
         torch.manual_seed(args.seed)
         cfg = DTConfig.preset(preset, dropout=0.0)
         base = DecisionTransformer(cfg)
-        batch_size = args.batch[min(i, len(args.batch) - 1)]
+        batch_size = args.batch or DEFAULT_BATCH.get(preset, 8)
         batch = make_batch(cfg, batch_size, args.seed)
         variants = build_variants(base, args.rank, args.alpha, not args.no_peft)
         print(f"\npreset {preset}: {cfg.n_layer} layers x {cfg.n_embd}, "
