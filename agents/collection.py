@@ -183,9 +183,10 @@ def collect_datasets(
     summaries: dict[str, TaskSummary] = {}
     pending = []
     for task in names:
-        expected = collection_metadata(collector, task, n_episodes, seed)
-        try:  # fail now, not after collecting
-            json.dumps(expected)
+        try:  # as the manifest will hold it (tuples become lists); fails now, not after work
+            expected = json.loads(
+                json.dumps(collection_metadata(collector, task, n_episodes, seed))
+            )
         except TypeError as err:
             raise ValueError(f"collector settings must be JSON-serialisable: {err}") from None
         ds = _existing(out / task, expected)

@@ -67,24 +67,27 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.collector == "scripted":
-        collector = ScriptedCollector(
-            noise=args.noise, epsilon=args.epsilon, max_episode_steps=args.max_episode_steps
+    try:  # bad settings, task names, conflicting datasets: say what is wrong, no traceback
+        if args.collector == "scripted":
+            collector = ScriptedCollector(
+                noise=args.noise, epsilon=args.epsilon, max_episode_steps=args.max_episode_steps
+            )
+        else:
+            steps = args.sac_steps or args.episodes * args.max_episode_steps
+            collector = SACCollector(
+                train_steps=steps, source=args.sac_source, max_episode_steps=args.max_episode_steps
+            )
+        summaries = collect_datasets(
+            args.tasks,
+            collector,
+            args.episodes,
+            args.out,
+            seed=args.seed,
+            workers=args.workers,
+            progress=not args.quiet,
         )
-    else:
-        steps = args.sac_steps or args.episodes * args.max_episode_steps
-        collector = SACCollector(
-            train_steps=steps, source=args.sac_source, max_episode_steps=args.max_episode_steps
-        )
-    summaries = collect_datasets(
-        args.tasks,
-        collector,
-        args.episodes,
-        args.out,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
     header = (
         f"{'task':<28} {'status':<10} {'episodes':>8} {'transitions':>11} "

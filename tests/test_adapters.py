@@ -493,3 +493,25 @@ def test_ten_task_adapters_save_and_reload(model: Tiny, x: torch.Tensor, tmp_pat
         set_active_adapter(fresh, name)
         assert torch.equal(fresh(x), y), name
         assert count_parameters(fresh, name) == count_parameters(model, name)
+
+
+def test_adapters_on_different_layer_subsets_reload(model: Tiny, x: torch.Tensor, tmp_path) -> None:
+    fresh = copy.deepcopy(model)
+    add_adapter(model, "all", AdapterConfig(method="dora", rank=2))
+    add_adapter(model, "some", AdapterConfig(rank=3, target_modules=("blocks.0.fc_in", "head")))
+    train_steps(model, x)
+    set_active_adapter(model, "all")
+    train_steps(model, x)
+    model.eval()
+    outputs = {}
+    for name in ("all", "some"):
+        set_active_adapter(model, name)
+        outputs[name] = model(x)
+        save_adapter(model, name, tmp_path / name)
+    load_adapter(fresh, tmp_path / "some")  # the subset first, then the superset
+    load_adapter(fresh, tmp_path / "all")
+    assert list(adapter_layers(fresh)) == [*BLOCK_PATHS, "head"]
+    fresh.eval()
+    for name, y in outputs.items():
+        set_active_adapter(fresh, name)
+        assert torch.equal(fresh(x), y), name

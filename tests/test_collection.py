@@ -93,7 +93,7 @@ def test_scripted_collector_succeeds_and_flags_agree():
     assert traj.successes.dtype == bool and not traj.successes[0]
 
 
-def test_bad_collector_settings():
+def test_bad_collector_settings(tmp_path):
     with pytest.raises(ValueError, match="epsilon"):
         ScriptedCollector(epsilon=(1.5,))
     with pytest.raises(ValueError, match="noise"):
@@ -102,6 +102,10 @@ def test_bad_collector_settings():
         SACCollector(source="buffer")
     with pytest.raises(ValueError, match="train_steps >= 1000"):
         SACCollector(train_steps=500).collect("reach", 5, seed=0)
+    unsaveable = SACCollector(sac_kwargs={"policy_kwargs": {"activation_fn": object}})
+    with pytest.raises(ValueError, match="JSON-serialisable"):  # before any training
+        collect_datasets("reach", unsaveable, 1, tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_sac_replay_buffer_trajectories_are_the_real_transitions():

@@ -212,3 +212,19 @@ def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     layer = "blocks.0.attn.q_proj"
     assert low.config.rho == 2.0
     assert not torch.allclose(top.lora_A()[layer].abs(), low.lora_A()[layer].abs())
+
+
+def test_sequential_fft_resume_restores_the_previous_task_weights(setup, tmp_path):
+    exp = experiment(setup, methods=("fft",), steps=2, checkpoint_every=1, log_every=1)
+    full = run_experiment(exp, tmp_path / "full", report=False)
+
+    def stop(task, step):  # before the second task's first update: only task 0 is done
+        if task == TASKS[1] and step == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_experiment(exp, tmp_path / "cut", hook=stop, report=False)
+    resumed = run_experiment(exp, tmp_path / "cut", resume=True, report=False)
+    assert comparable(resumed) == comparable(full)
+    rec = resumed["runs"][0]["per_task"][1]
+    assert rec["trainable_params"] == full["runs"][0]["per_task"][0]["trainable_params"]

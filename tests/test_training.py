@@ -104,7 +104,15 @@ def test_loss_falls_and_run_dir_is_written(data_root, tmp_path):
     assert last < 0.5 * first
     assert all(h[2] > 0 for h in history)
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [40]
-    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "time/tokens_per_s"):
+        assert [e.step for e in events.Scalars(tag)] == [10, 20, 30, 40], tag
+    losses = [h[1] for h in history]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(np.mean(losses[30:]))
+    assert any("hparams" in t for t in tags["tensors"])
     with pytest.raises(FileExistsError, match="holds checkpoints already"):
         Trainer(model, sampler, tconfig(), tmp_path / "run").train()
 

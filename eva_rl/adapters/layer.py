@@ -109,6 +109,9 @@ class AdapterLinear(nn.Module):
         if rank > 0:
             if tensors is None:
                 tensors = VARIANTS[config.method].init(self, path, rank, scaling, lora_A)
+            unknown = set(tensors) - set(TENSOR_KEYS)
+            if unknown:
+                raise ValueError(f"unknown adapter tensors {sorted(unknown)} for layer {path!r}")
             w = self.weight
             for key, value in tensors.items():
                 value = value.detach().to(device=w.device, dtype=w.dtype).clone()

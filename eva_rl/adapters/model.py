@@ -64,6 +64,8 @@ def add_adapter(
     _check_name(name)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    if config.method not in VARIANTS:
+        raise ValueError(f"unknown adapter method {config.method!r}; expected {list(VARIANTS)}")
     _check_not_merged(model, f"add adapter {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}")

@@ -249,7 +249,6 @@ class Trainer:
         if self.run_dir is not None:  # purge_step drops events an interrupted run left
             log = RunLogger(self.run_dir / TB_DIR, enabled=main,
                             purge_step=self.step + 1 if self.step else None)
-        if log is not None:
             log.hparams(self._all_hparams())
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main),

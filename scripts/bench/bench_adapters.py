@@ -100,24 +100,31 @@ def time_variants(
     return times
 
 
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repeats of time(a) / time(b) measured in the same repeat."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
 def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[float]]) -> None:
+    """Print medians and paired (same-repeat) ratios."""
     med = {n: statistics.median(t) for n, t in times.items()}
-    spread = {n: (min(t), max(t)) for n, t in times.items()}
-    base = med["frozen base"]
-    print(f"\n## preset {preset}")
-    print(f"{'variant':<14} {'trainable':>10} {'ms/step':>9} {'min-max':>15} {'/base':>6} "
+    print(f"\n## preset {preset}  (ratios: medians of same-repeat ratios)")
+    print(f"{'variant':<12} {'trainable':>10} {'ms/step':>8} {'min-max ms':>15} {'/base':>6} "
           f"{'ours/peft':>9}")
     for name, m in med.items():
-        model = variants[name]
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_train = sum(p.numel() for p in variants[name].parameters() if p.requires_grad)
         peer = name.replace("ours", "peft")
-        vs = f"{m / med[peer]:9.2f}" if name.startswith("ours") and peer in med else " " * 9
-        lo, hi = spread[name]
-        print(f"{name:<14} {n_train:>10,} {m:9.1f} {lo:7.1f}-{hi:<7.1f} {m / base:6.2f} {vs}")
+        vs = f"{paired(times, name, peer):9.2f}" if name.startswith("ours") and peer in med else ""
+        lo, hi = min(times[name]), max(times[name])
+        print(f"{name:<12} {n_train:>10,} {m:8.1f} {lo:7.1f}-{hi:<7.1f} "
+              f"{paired(times, name, 'frozen base'):6.2f} {vs}")
     for impl in ("ours", "peft"):
         if f"{impl} dora" in med:
-            dora, lora = med[f"{impl} dora"], med[f"{impl} lora"]
-            print(f"DoRA over LoRA, {impl}: x{dora / lora:.3f} (+{dora - lora:.1f} ms/step)")
+            extra = statistics.median(
+                d - lo for d, lo in zip(times[f"{impl} dora"], times[f"{impl} lora"], strict=True)
+            )
+            print(f"DoRA over LoRA, {impl}: x{paired(times, f'{impl} dora', f'{impl} lora'):.3f}"
+                  f" ({extra:+.1f} ms/step)")
 
 
 def main() -> None:

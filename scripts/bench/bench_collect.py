@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -106,26 +107,40 @@ def bench_throughput(tasks, repeats, episodes) -> None:
     )
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench_scaling(tasks, repeats, episodes) -> None:
     collector = ScriptedCollector(noise=(0.1,))
     total = len(tasks) * episodes * 200
-    times: dict[int, list[float]] = {1: [], 2: []}
+    wall: dict[int, list[float]] = {1: [], 2: []}
+    cpu: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeats):
-        for workers in (1, 2):
+        for workers in (1, 2):  # interleaved
             with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
+                cpu0, start = _cpu_seconds(), time.perf_counter()
                 collect_datasets(tasks, collector, episodes, out, workers=workers, progress=False)
-                times[workers].append(time.perf_counter() - start)
+                wall[workers].append(time.perf_counter() - start)
+                cpu[workers].append(_cpu_seconds() - cpu0)
     print(
         f"\n### Scaling: {len(tasks)} tasks x {episodes} episodes ({total} transitions), "
-        f"median of {repeats}\n"
+        f"median of {repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
-    print("| workers | seconds | transitions/s | speed-up vs 1 |")
-    print("|---|---|---|---|")
-    base = statistics.median(times[1])
-    for workers, ts in times.items():
+    print("| workers | seconds | transitions/s | speed-up vs 1 | CPU seconds (all processes) |")
+    print("|---|---|---|---|---|")
+    base = statistics.median(wall[1])
+    for workers, ts in wall.items():
         t = statistics.median(ts)
-        print(f"| {workers} | {t:.1f} | {total / t:.0f} | {base / t:.2f} |")
+        print(
+            f"| {workers} | {t:.1f} | {total / t:.0f} | {base / t:.2f} | "
+            f"{statistics.median(cpu[workers]):.1f} |"
+        )
 
 
 def _du(path: Path) -> int:

@@ -110,12 +110,12 @@ def build(impl: str, preset: str):
     return model, step
 
 
-def time_steps(step, batch, n: int) -> float:
-    """Milliseconds per step over n steps."""
-    t0 = time.perf_counter()
+def time_steps(step, batch, n: int) -> tuple[float, float]:
+    """(wall, process CPU) milliseconds per step over n steps."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         step(batch)
-    return (time.perf_counter() - t0) / n * 1e3
+    return (time.perf_counter() - t0) / n * 1e3, (time.process_time() - c0) / n * 1e3
 
 
 def _status_kib(field: str) -> int:
@@ -160,7 +160,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; shared noisy machine: medians of "
-          f"{args.repeats} interleaved repeats")
+          f"{args.repeats} interleaved repeats; wall and process-CPU time per step")
     for preset in args.presets:
         cfg = DTConfig.preset(preset)
         impls = IMPLS if preset != "paper" or args.paper_bf16 else IMPLS[:-1]
@@ -169,28 +169,34 @@ def main() -> None:
         for _, step in built.values():  # warm-up
             step(batch)
         times: dict[str, list[float]] = {impl: [] for impl in impls}
+        cpu: dict[str, list[float]] = {impl: [] for impl in impls}
         for r in range(args.repeats):
             order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate the order
             for impl in order:
-                times[impl].append(time_steps(built[impl][1], batch, STEPS[preset]))
+                wall, proc = time_steps(built[impl][1], batch, STEPS[preset])
+                times[impl].append(wall)
+                cpu[impl].append(proc)
         med = {impl: statistics.median(t) for impl, t in times.items()}
+        cmed = {impl: statistics.median(t) for impl, t in cpu.items()}
         mem = {} if args.no_memory else {impl: peak_memory(impl, preset) for impl in impls}
         print(f"\n{preset}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
               f"context {cfg.context_len} steps, batch {BATCH[preset]}, dropout {cfg.dropout}")
-        print(f"{'impl':<10} {'tokens':>6} {'params':>11} {'ms/step':>9} {'min-max':>15} "
-              f"{'hf/this':>8} {'peak MiB':>9}")
+        print(f"{'impl':<15} {'tokens':>6} {'params':>11} {'wall ms':>8} {'min-max':>12} "
+              f"{'hf/this':>7} {'cpu ms':>8} {'hf/this':>7} {'peak MiB':>8}")
         for impl in impls:
             model = built[impl][0]
             n_tok = 3 if impl == "hf" or impl.startswith("ours-3tok") else 4
             params = sum(q.numel() for q in model.parameters())
             spread = f"{min(times[impl]):.0f}-{max(times[impl]):.0f}"
             peak = f"{mem[impl]:.0f}" if mem else "-"
-            print(f"{impl:<10} {n_tok * cfg.context_len:>6} {params:>11,} {med[impl]:>9.1f} "
-                  f"{spread:>15} {med['hf'] / med[impl]:>8.2f} {peak:>9}")
-        print(f"ratios: hf/ours-3tok {med['hf'] / med['ours-3tok']:.2f}, hf/ours-3tok-noad "
-              f"{med['hf'] / med['ours-3tok-noad']:.2f}, hf/ours {med['hf'] / med['ours']:.2f}")
-        if "ours-bf16" in med:
-            print(f"bf16 autocast / fp32 step time (ours): {med['ours-bf16'] / med['ours']:.2f}")
+            print(f"{impl:<15} {n_tok * cfg.context_len:>6} {params:>11,} {med[impl]:>8.0f} "
+                  f"{spread:>12} {med['hf'] / med[impl]:>7.2f} {cmed[impl]:>8.0f} "
+                  f"{cmed['hf'] / cmed[impl]:>7.2f} {peak:>8}")
+        for name, m in (("wall", med), ("cpu", cmed)):
+            print(f"{name} ratios: hf/ours-3tok {m['hf'] / m['ours-3tok']:.2f}, hf/ours-3tok-noad "
+                  f"{m['hf'] / m['ours-3tok-noad']:.2f}, hf/ours {m['hf'] / m['ours']:.2f}"
+                  + (f"; bf16/fp32 time (ours) {m['ours-bf16'] / m['ours']:.2f}"
+                     if "ours-bf16" in m else ""))
 
 
 if __name__ == "__main__":
