@@ -400,6 +400,8 @@ def test_merge_unmerge_exact(model: Tiny, x: torch.Tensor, method: str) -> None:
         delete_adapter(model, "t")
     with pytest.raises(RuntimeError, match="training through it is refused"):
         model.train()(x)
+    set_active_adapter(model, "t")  # allowed (it is the merged one), still nothing trainable
+    assert count_parameters(model) == 0
     unmerge_adapter(model)
     for key, value in model.state_dict().items():
         assert torch.equal(value, base[key]), key

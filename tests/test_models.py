@@ -158,6 +158,7 @@ def test_config_dict_round_trip():
         (dict(token_layout=("state", "state", "action")), "duplicate"),
         (dict(n_embd=30, n_head=4), "not divisible"),
         (dict(context_len=0), "context_len"),
+        (dict(attn_dropout=1.0), "attn_dropout"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides, message):

@@ -114,7 +114,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         layer.active_adapter = name if name in layer.ranks else None
         for key in TRAINABLE_KEYS:
             store = getattr(layer, key)
-            if name in store:
+            if name in store and not merged:  # a merged adapter is for inference only
                 store[name].requires_grad_(True)
 
 
@@ -136,7 +136,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     for layer in adapter_layers(model).values():
         if name in layer.ranks:
             layer.merge(name)
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # nothing trains while merged
 
 
 def unmerge_adapter(model: nn.Module) -> None:

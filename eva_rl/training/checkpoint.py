@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
+import pickle  # only for its exception type: torch.load raises it; nothing is unpickled
 import re
 import secrets
 import shutil
