@@ -307,8 +307,9 @@ def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:
                 returns = [rec["return_row"] for rec in records]
             results["runs"].append({
                 "protocol": exp.protocol, "method": method, "seed": seed,
-                "tasks": list(exp.tasks), "per_task": records, "success_matrix": matrix,
-                "return_matrix": returns, "config": exp.config.to_dict(),
+                "pretrained": exp.pretrained, "tasks": list(exp.tasks), "per_task": records,
+                "success_matrix": matrix, "return_matrix": returns,
+                "config": exp.config.to_dict(),
             })
     return results
 

@@ -4,6 +4,7 @@ A *results* dict (what :mod:`agents.protocols` writes and ``scripts/report.py`` 
 
     {"format": "eva-rl-results", "version": 1,
      "runs": [{"protocol": "single" | "sequential", "method": "lora", "seed": 0,
+               "pretrained": "<pretraining run>",  # forward transfer pairs equal ones
                "tasks": [task, ...],               # training order
                "per_task": [record, ...],          # one per finished task, same order
                "success_matrix": [[...]] | None,   # sequential: row i = after task i
@@ -155,10 +156,12 @@ def _stats(values: Sequence[float]) -> dict:
     return {"mean": mean, "stderr": se, "ci90": [low, high], "n": len(values)}
 
 
-def _reference_auc(runs: Sequence[dict], method: str, seed: int, tasks: Sequence[str]):
-    """Per-task AUC of `single` runs of ``method``: same seed if present, else seed mean."""
+def _reference_auc(runs: Sequence[dict], method: str, seed: int, tasks: Sequence[str],
+                   pretrained: str | None = None):
+    """Per-task AUC of `single` runs of ``method`` from the same pretrained model: same
+    seed if present, else the mean over seeds; None if some task has no such run."""
     singles = [r for r in runs if r["protocol"] == "single" and r["method"] == method
-               and is_complete(r)]
+               and is_complete(r) and r.get("pretrained") == pretrained]
     by_task: dict[str, list[float]] = defaultdict(list)
     same_seed: dict[str, float] = {}
     for run in singles:
@@ -213,7 +216,7 @@ def summarize(results: dict) -> dict:
             entry["forgetting"] = _stats([metrics.forgetting(S) for S in matrices])
             fts = []
             for run in group:
-                ref = _reference_auc(runs, method, run["seed"], tasks)
+                ref = _reference_auc(runs, method, run["seed"], tasks, run.get("pretrained"))
                 if ref is not None:
                     auc = [rec["auc"] for rec in run["per_task"]]
                     fts.append(metrics.forward_transfer(auc, ref))
@@ -294,9 +297,9 @@ def render_markdown(results: dict, summary: dict, plots: Sequence[str] = ()) -> 
                      _fmt_ci(e["forward_transfer"])] for m, e in methods.items()]
             out += _table(["method", "average performance", "forgetting", "forward transfer"],
                           rows)
-            out += ["", "Forward transfer needs `single` runs of the same method in the same "
-                    "report (`scripts/report.py SEQ_RUN SINGLE_RUN`); `–` where there are none.",
-                    ""]
+            out += ["", "Forward transfer needs `single` runs of the same method from the same "
+                    "pretrained model in the same report (`scripts/report.py SEQ_RUN "
+                    "SINGLE_RUN`); `–` where there are none.", ""]
             for method, e in methods.items():
                 out += [f"### Success matrix — {method} (row: after training task i; "
                         "column: success on task j)", ""]
@@ -491,7 +494,8 @@ def _write_run_scalars(w, run: dict, all_runs: Sequence[dict]) -> None:
             w.add_scalar("cl/average_success", float(np.mean(matrix[i])), i)
             w.add_scalar("cl/forgetting", metrics.forgetting(S), i)
         aucs = [rec["auc"] for rec in run["per_task"]]
-        ref = _reference_auc(all_runs, run["method"], run["seed"], tasks)
+        ref = _reference_auc(all_runs, run["method"], run["seed"], tasks,
+                             run.get("pretrained"))
         if ref is not None and aucs:
             ft = metrics.forward_transfer_per_task(aucs, ref[: len(aucs)])
             for i in range(len(ft)):
