@@ -221,6 +221,7 @@ class EvalDuringTraining:
         logger.info("%s step %d: success %.2f", self.task, step, res["success_rate"])
 
     def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Run the hook, take a curve point if one is due, then draw the batch."""
         step = self.calls
         if self.hook is not None:
             self.hook(self.task, step)
@@ -230,10 +231,12 @@ class EvalDuringTraining:
         return self.sampler.sample(batch_size)
 
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able: the inner sampler's state, the update count and the curve so far."""
         return {"sampler": self.sampler.state_dict(), "calls": self.calls,
                 "curve": self.curve, "eval_seconds": self.eval_seconds}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of ``state_dict`` (called by the Trainer on resume)."""
         self.sampler.load_state_dict(state["sampler"])
         self.calls = int(state["calls"])
         self.curve = [list(p) for p in state["curve"]]

@@ -314,13 +314,6 @@ def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:
     return results
 
 
-def summarize_experiment(results: Mapping[str, Any]) -> str:
-    """A one-line status: finished tasks out of all."""
-    done = sum(len(r["per_task"]) for r in results["runs"])
-    total = sum(len(r["tasks"]) for r in results["runs"])
-    return f"{done}/{total} task runs finished"
-
-
 def parse_seeds(spec: str | Sequence[int]) -> tuple[int, ...]:
     """``"0,1,2"`` -> ``(0, 1, 2)``; a clear error for anything else."""
     if not isinstance(spec, str):

@@ -75,6 +75,10 @@ def test_summary_numbers(results):
     assert seq["forward_transfer"]["mean"] == pytest.approx((ft0 + ft1) / 2)
     lo, hi = seq["forward_transfer"]["ci90"]
     assert min(ft0, ft1) - 1e-9 <= lo <= hi <= max(ft0, ft1) + 1e-9
+    # single runs from another pretrained model are no reference
+    other = {**results, "runs": [{**r, "pretrained": "other"} if r["protocol"] == "single"
+                                 else r for r in results["runs"]]}
+    assert reports.summarize(other)["sequential"]["lora"]["forward_transfer"] is None
     # eva has no single reference in these results
     assert s["sequential"]["eva"]["forward_transfer"] is None
     assert s["sequential"]["eva"]["eva_share"] == pytest.approx(0.05)
