@@ -1,0 +1,44 @@
+"""Things that act and learn in Meta-World: the DT agent, experts, evaluation, protocols.
+
+    from agents import DTAgent, evaluate
+    agent = DTAgent.load("runs/pretrain-small")
+    print(evaluate(agent, ["hammer-v3"], n_episodes=10)["hammer-v3"]["success_rate"])
+
+Names are imported on first use, so a collection worker that needs only the experts does
+not pay for importing the model stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DTAgent": "agents.dt_agent",
+    "evaluate": "agents.evaluation",
+    "run_episodes": "agents.evaluation",
+    "ScriptedExpert": "agents.experts",
+    "ScriptedCollector": "agents.experts",
+    "SACCollector": "agents.experts",
+    "collect_datasets": "agents.collection",
+    "METHODS": "agents.methods",
+    "get_method": "agents.methods",
+    "FinetuneConfig": "agents.finetune",
+    "CONFIGS": "agents.finetune",
+    "finetune_task": "agents.finetune",
+    "Experiment": "agents.protocols",
+    "run_experiment": "agents.protocols",
+    "write_report": "agents.reports",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'agents' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

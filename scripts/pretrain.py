@@ -22,6 +22,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 import envs
 from eva_rl.data import WindowSampler, compute_state_stats, open_datasets
 from eva_rl.models import PRESETS, DecisionTransformer, DTConfig
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often fastest for the small presets on a "
+                        "busy 2-core machine)")
     return p.parse_args(argv)
 
 
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.resume and out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists; pass --resume to continue it or "
                          "choose a new --out")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     dist = init_distributed(args.device)
     try:
         tasks = envs.resolve_tasks(args.tasks)
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         sampler = WindowSampler(list(datasets.values()), cfg.context_len,
                                 reward_scale=cfg.reward_scale, mixing=args.mixing,
                                 state_mean=mean, state_std=std, seed=args.seed)
+        torch.manual_seed(args.seed)  # the initial weights, so seeded runs are reproducible
         model = DecisionTransformer(cfg)
         if dist.is_main:
             write_run_config(out, model=cfg, train=tcfg, tasks=tasks, data=str(args.data),
