@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,11 @@ from eva_rl.adapters import (
     save_adapter,
     set_active_adapter,
 )
+from eva_rl.io import atomic_dir
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.models.inference import RolloutContext
 from eva_rl.training.run import (
+    WEIGHTS_FILE,
     CheckpointError,
     load_weights,
     read_run_config,
@@ -49,7 +49,6 @@ from eva_rl.training.run import (
 logger = logging.getLogger(__name__)
 
 ADAPTERS_DIR = "adapters"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def default_device() -> torch.device:
@@ -337,45 +336,18 @@ class DTAgent:
                     f"{path}: holds a different run or other files; choose another "
                     "directory or pass overwrite=True to replace it"
                 )
-        tmp = _temp_sibling(path)
-        try:
-            tmp.mkdir(parents=True)
+        with atomic_dir(path, overwrite=True) as tmp:
             write_run_config(tmp, **fields)
             save_weights(base, tmp / WEIGHTS_FILE)
             self._save_adapters(tmp / ADAPTERS_DIR)
-            _replace_dir(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         logger.info("saved agent to %s", path)
         return path
 
     def _save_adapters(self, root: Path) -> None:
         for name in self.adapter_names:
-            tmp = _temp_sibling(root / name)
-            try:
-                tmp.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(root / name, overwrite=True) as tmp:
                 save_adapter(self.model, name, tmp)
-                _replace_dir(tmp, root / name)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-
-
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _is_temp(path: Path) -> bool:
     return path.name.startswith(".")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Rename directory `new` to `dest`; an existing `dest` is swapped out, then removed."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-    os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old)

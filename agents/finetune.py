@@ -44,6 +44,7 @@ from eva_rl.eva import (
 )
 from eva_rl.logging import RunLogger
 from eva_rl.metrics import success_auc
+from eva_rl.schema import check_known_fields
 from eva_rl.training import TrainConfig, Trainer, list_checkpoints
 from eva_rl.training.trainer import TB_DIR
 
@@ -133,10 +134,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
         """Inverse of ``to_dict``; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown fine-tuning settings {unknown}; valid: {sorted(names)}")
+        check_known_fields(cls, d, "fine-tuning settings")
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> FinetuneConfig:

@@ -42,6 +42,7 @@ from agents.reports import empty_results, write_json, write_report
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
+from eva_rl.io import read_versioned_json
 from eva_rl.training import load_weights, read_run_config, resolve_device, save_weights
 
 logger = logging.getLogger(__name__)
@@ -158,13 +159,9 @@ def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = Fals
 
 def check_same_experiment(out: Path, exp: Experiment) -> None:
     """``--resume`` must continue the same experiment: a one-line error naming differences."""
-    path = out / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the run's config ({e})") from None
-    if saved.get("format") != EXPERIMENT_FORMAT:
-        raise ValueError(f"{out} is not a fine-tuning run directory ({path} has another format)")
+    saved = read_versioned_json(
+        out / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION, "fine-tuning run config"
+    )
     old, new = saved["experiment"], exp.to_dict()
     diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
              if k != "config" and old.get(k) != v]

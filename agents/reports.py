@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,7 +35,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from eva_rl import metrics
-from eva_rl.training.run import atomic_write
+from eva_rl.io import (
+    atomic_dir,
+    atomic_write,
+    read_versioned_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +71,12 @@ CSV_FIELDS = (
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary sibling + rename)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON atomically (NaN and inf written as ``null``)."""
-    return write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+    return write_json_atomic(path, _json_safe(obj))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -101,15 +105,7 @@ def load_results(path: str | os.PathLike) -> dict:
     file = path / "results.json" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"no results.json at {file}")
-    try:
-        results = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"{file} is not an eva-rl results file (format != {RESULTS_FORMAT!r})")
-    if results.get("version") != RESULTS_VERSION:
-        raise ValueError(f"{file} has results version {results.get('version')}, "
-                         f"this code reads {RESULTS_VERSION}")
+    results = read_versioned_json(file, RESULTS_FORMAT, RESULTS_VERSION, "results file")
     if not isinstance(results.get("runs"), list):
         raise ValueError(f"{file} has no 'runs' list")
     return results
@@ -436,10 +432,7 @@ def save_figures(figures: dict[str, Figure], plot_dir: str | os.PathLike) -> lis
     paths = []
     for stem, fig in figures.items():
         path = plot_dir / f"{stem}.png"
-        tmp = plot_dir / f".{stem}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write(path, lambda tmp, f=fig: f.savefig(tmp, dpi=110, format="png")))
     return paths
 
 
@@ -463,23 +456,16 @@ def write_tensorboard(results: dict, summary: dict, figures: dict[str, Figure],
     from torch.utils.tensorboard import SummaryWriter
 
     tb_dir = Path(tb_dir)
-    tmp = tb_dir.with_name(f".{tb_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for run in results["runs"]:
-        with SummaryWriter(str(tmp / _run_tag(run))) as w:
-            _write_run_scalars(w, run, results["runs"])
-    with SummaryWriter(str(tmp / "summary")) as w:
-        for protocol, methods in summary.items():
-            for method, e in methods.items():
-                w.add_scalar(f"{protocol}/{method}/average_success", e["average"]["mean"], 0)
-        for stem, fig in figures.items():
-            w.add_figure(f"plots/{stem}", fig, 0, close=False)
-    old = tb_dir.with_name(f".{tb_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if tb_dir.exists():
-        os.replace(tb_dir, old)
-    os.replace(tmp, tb_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(tb_dir, overwrite=True) as tmp:
+        for run in results["runs"]:
+            with SummaryWriter(str(tmp / _run_tag(run))) as w:
+                _write_run_scalars(w, run, results["runs"])
+        with SummaryWriter(str(tmp / "summary")) as w:
+            for protocol, methods in summary.items():
+                for method, e in methods.items():
+                    w.add_scalar(f"{protocol}/{method}/average_success", e["average"]["mean"], 0)
+            for stem, fig in figures.items():
+                w.add_figure(f"plots/{stem}", fig, 0, close=False)
     return tb_dir
 
 

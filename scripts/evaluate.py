@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
-from eva_rl.training.run import atomic_write
+from eva_rl.io import write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         payload = {"run": str(args.run), "episodes": args.episodes, "seed": args.seed,
                    "max_episode_steps": args.max_steps, "mean_success": mean, "tasks": results}
-        text = json.dumps(payload, indent=2) + "\n"
-        atomic_write(args.out, lambda tmp: tmp.write_text(text))
+        write_json_atomic(args.out, payload)
         print(f"wrote {args.out}")
     return 0
 

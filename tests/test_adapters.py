@@ -58,13 +58,7 @@ class Tiny(nn.Module):
         return self.head(h)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-offs that cost ms each on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BLOCK_PATHS = ["blocks.0.fc_in", "blocks.0.fc_out", "blocks.1.fc_in", "blocks.1.fc_out"]

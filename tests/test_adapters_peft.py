@@ -12,13 +12,7 @@ from eva_rl.adapters import AdapterConfig, adapter_layers, add_adapter, merge_ad
 
 peft = pytest.importorskip("peft")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-offs that cost ms each on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYERS = ("fc1", "fc2", "fc3")

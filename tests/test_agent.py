@@ -23,14 +23,7 @@ TASKS = ("reach-v3", "push-v3")
 HORIZON = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 forwards of a tiny model are many times faster on one thread when the
-    machine's cores are shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

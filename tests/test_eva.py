@@ -26,14 +26,7 @@ from eva_rl.eva import (
 )
 from eva_rl.models import DecisionTransformer, DTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices on a shared 2-core machine: one thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def known_spectrum(n=600, d=24, k=6, seed=0, center_shift=0.0):
     """Rows with a clear top-k subspace: singular values 10..5 then a 0.3 noise floor."""

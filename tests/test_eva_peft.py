@@ -24,14 +24,7 @@ from torch import nn
 from eva_rl.eva import EvaConfig, compute_eva
 from eva_rl.models import DecisionTransformer, DTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices on a shared 2-core machine: one thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def peft_eva(model, batches, targets, rank, rho, tau=0.99, whiten=False):
     cfg = LoraConfig(r=rank, target_modules=list(targets), init_lora_weights="eva",

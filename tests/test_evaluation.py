@@ -20,13 +20,7 @@ STEPS = 15
 SOLVED_TASK, SOLVING_ACTION, SOLVE_STEPS = "drawer-close-v3", [0.0, 0.5, -0.9, 0.0], 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards are many times faster on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_agent(seed: int = 0, **overrides) -> DTAgent:

@@ -1,35 +1,21 @@
 """Tiny end to end: scripted-expert data, a tiny pretrained DT, fine-tuning protocols,
 interruption + resume, and the bad-input errors of scripts/finetune.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 
 from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("faucet-close-v3", "window-close-v3")
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is far faster than two on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Trainer, schedule, checkpoints, exact resume, DDP, run directories, pretrain script."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import load_script
 
 from eva_rl.data import WindowSampler, open_datasets, write_dataset
 from eva_rl.models import DecisionTransformer, DTConfig
@@ -24,7 +24,6 @@ from eva_rl.training import (
     write_run_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("reach-v3", "door-open-v3")
 OBS, ACT = 6, 2
 
@@ -44,13 +43,7 @@ def synthetic_data(root: Path, n_episodes: int = 6, length: int = 12, obs_dim: i
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -243,15 +236,8 @@ def test_ddp_two_processes_match_one(data_root, tmp_path):
         torch.testing.assert_close(other.state_dict()[k], v, rtol=1e-4, atol=1e-6)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pretrain_script_writes_run_dir_and_refuses_overwrite(data_root, tmp_path):
-    pretrain = _load_script("pretrain").main
+    pretrain = load_script("pretrain").main
     out = tmp_path / "run"
     common = ["--data", str(data_root), "--tasks", ",".join(TASKS), "--preset", "tiny",
               "--batch-size", "8", "--no-progress"]

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from eva_rl.schema import check_known_fields
+
 METHODS = ("lora", "dora", "pissa", "olora")
 """Adapter kinds `add_adapter` accepts (full fine-tuning is `prepare_full_finetuning`)."""
 
@@ -88,9 +90,7 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AdapterConfig:
         """Inverse of `to_dict`; unknown keys are an error."""
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig fields: {sorted(unknown)}")
+        check_known_fields(cls, d, "AdapterConfig fields")
         return cls(**{**d, "target_modules": tuple(d.get("target_modules", DEFAULT_TARGETS))})
 
 

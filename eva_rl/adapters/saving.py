@@ -8,7 +8,6 @@ file, so loading onto another base, other shapes or a half-written pair fails cl
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -30,6 +29,7 @@ from eva_rl.adapters.model import (
     linear_layers,
     set_active_adapter,
 )
+from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ def save_adapter(
             "base_fingerprint": weight_fingerprint(layer.unmerged_weight()),
         }
     assert config is not None  # _check_exists found the adapter on some layer
-    directory.mkdir(parents=True, exist_ok=True)
-    tensor_tmp = _tmp_name(targets[0])
-    save_file(tensors, str(tensor_tmp), metadata={"format": FORMAT, "name": name})
+
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -80,13 +78,16 @@ def save_adapter(
         "method": config.method,
         "config": config.to_dict(),
         "layers": layers,
-        "tensor_sha256": _sha256(tensor_tmp),
-        "torch_version": torch.__version__,
     }
-    meta_tmp = _tmp_name(targets[1])
-    meta_tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tensor_tmp, targets[0])
-    os.replace(meta_tmp, targets[1])
+
+    def write(tensor_tmp: Path) -> None:
+        # the metadata (with the new tensors' checksum) is renamed in just before the
+        # tensors, so a failure before then leaves a previous adapter here untouched
+        save_file(tensors, str(tensor_tmp), metadata={"format": FORMAT, "name": name})
+        meta.update(tensor_sha256=_sha256(tensor_tmp), torch_version=torch.__version__)
+        write_json_atomic(targets[1], meta)
+
+    atomic_write(targets[0], write)
     logger.info("saved adapter %r (%d layers) to %s", name, len(layers), directory)
     return directory
 
@@ -130,14 +131,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     for p in (meta_path, tensor_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: {directory} is not a saved adapter")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not an {FORMAT} file")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{meta_path} has version {meta.get('version')}; expected {VERSION}")
+    meta = read_versioned_json(meta_path, FORMAT, VERSION, "adapter config")
     if meta.get("tensor_sha256") != _sha256(tensor_path):
         raise ValueError(f"{tensor_path} does not match {meta_path} (checksum differs)")
     return meta
@@ -186,10 +180,6 @@ def _check_tensors(
         raise ValueError(
             f"{directory / TENSOR_FILE}: layer {path!r} holds tensors {got}, expected {expected}"
         )
-
-
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
 def _sha256(path: Path) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,13 +27,21 @@ from typing import Any
 
 import numpy as np
 
+from eva_rl.io import (
+    OLD_MARKER,
+    TMP_MARKER,
+    fsync_dir,
+    read_versioned_json,
+    replace_dir,
+    temp_sibling,
+    write_synced,
+)
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "eva-rl-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_MARKER = ".tmp-"
-OLD_MARKER = ".old-"
 
 # field -> (dtype, ndim)
 FIELDS: dict[str, tuple[np.dtype, int]] = {
@@ -259,15 +266,19 @@ def write_dataset(
     manifest = _build_manifest(task, arrays, metadata or {}, path)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
         for name, arr in arrays.items():
             _write_file(tmp / f"{name}.npy", lambda f, a=arr: np.save(f, a, allow_pickle=False))
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         _write_file(tmp / MANIFEST, lambda f: f.write(text.encode()))
-        _fsync_dir(tmp)
-        _rename_into_place(tmp, path, overwrite)
+        fsync_dir(tmp)
+        if path.exists():
+            _check_replaceable(path, overwrite)  # it may have appeared while we were writing
+        # a crash between replace_dir's two renames leaves the old dataset intact under an
+        # .old- name, where remove_temp_dirs finds and restores it
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -285,39 +296,7 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path}: exists and is not a dataset; refusing to replace it")
 
 
-def _write_file(file: Path, write) -> None:
-    with open(file, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _rename_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    old = None
-    if path.exists():
-        _check_replaceable(path, overwrite)  # it may have appeared while we were writing
-        # POSIX cannot swap two directories atomically: move the old one aside first. A crash
-        # between the two renames leaves no dataset at path and the old one intact under the
-        # .old- name, where remove_temp_dirs finds and restores it.
-        old = path.parent / f".{path.name}{OLD_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old)
+_write_file = write_synced  # a module attribute, so tests can make writes fail
 
 
 def _build_manifest(
@@ -374,19 +353,14 @@ def _json_default(obj: Any) -> Any:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
-    if not file.is_file():
-        raise DatasetError(f"{file}: manifest is missing (incomplete or not a dataset)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{file}: cannot read manifest: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise DatasetError(f"{file}: not an {FORMAT_NAME} manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DatasetError(
-            f"{file}: unknown format version {version!r} (this code reads {FORMAT_VERSION})"
-        )
+    manifest = read_versioned_json(
+        file,
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        "dataset manifest",
+        version_key="format_version",
+        error_cls=DatasetError,
+    )
     for key in ("task", "n_episodes", "n_transitions", "obs_dim", "act_dim"):
         if key not in manifest:
             raise DatasetError(f"{file}: manifest has no {key!r}")

@@ -12,7 +12,6 @@ budget `N * r` is then spread over the layers by explained variance.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,6 +44,8 @@ from eva_rl.eva.hooks import (
     find_target_layers,
 )
 from eva_rl.eva.incremental_svd import SOLVERS, IncrementalSVD, partial_fit_many
+from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
+from eva_rl.schema import check_known_fields
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,7 @@ class EvaConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvaConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EvaConfig fields: {sorted(unknown)}")
+        check_known_fields(cls, d, "EvaConfig fields")
         return cls(**d)
 
 
@@ -207,11 +206,8 @@ class EvaResult:
             "convergence_step": self.convergence_step, "n_samples": self.n_samples,
             "seconds": self.seconds, "stop_reason": self.stop_reason, "extra": self.extra,
         }
-        tmp_t, tmp_m = d / (TENSORS_FILE + ".tmp"), d / (META_FILE + ".tmp")
-        save_file(tensors, str(tmp_t))
-        tmp_m.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_t, tensor_path)
-        os.replace(tmp_m, meta_path)
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
+        write_json_atomic(meta_path, meta, indent=1)
         return d
 
     @classmethod
@@ -219,15 +215,9 @@ class EvaResult:
         """Read a result written by `save`; a clear `ValueError` on missing/corrupt files."""
         d = Path(directory)
         tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
-        for f in (tensor_path, meta_path):
-            if not f.is_file():
-                raise ValueError(f"EVA result file missing: {f}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt EVA result metadata {meta_path}: {e}") from e
-        if meta.get("format") != RESULT_FORMAT or meta.get("version") != RESULT_VERSION:
-            raise ValueError(f"{meta_path} is not an EVA result of version {RESULT_VERSION}")
+        if not tensor_path.is_file():
+            raise ValueError(f"{tensor_path}: no EVA result tensors (file is missing)")
+        meta = read_versioned_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "EVA result")
         tensors = load_file(str(tensor_path))
         comps, svals, ratios = {}, {}, {}
         try:

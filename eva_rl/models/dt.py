@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva_rl.schema import check_known_fields
+
 MODALITIES = ("state", "rtg", "action", "reward")
 
 # Sizes chosen from the measured CPU step times in benchmark-facts.md: `small` (0.6M
@@ -121,10 +123,7 @@ class DTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DTConfig:
         """Build from ``to_dict`` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DTConfig fields {unknown}; valid: {sorted(names)}")
+        check_known_fields(cls, d, "DTConfig fields")
         return cls(**dict(d))
 
 

@@ -12,7 +12,6 @@ import logging
 import os
 import pickle  # only for its exception type: torch.load raises it; nothing is unpickled
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eva_rl.io import atomic_dir, fsync_file
 from eva_rl.training.run import WEIGHTS_FILE, CheckpointError, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -57,18 +57,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict[str, 
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: checkpoint already exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
         torch.save(state, tmp / STATE_FILE)
-        with open(tmp / STATE_FILE, "rb") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_file(tmp / STATE_FILE)
     return path
 
 

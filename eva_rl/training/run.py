@@ -6,12 +6,10 @@ directory"), ``model.safetensors`` (final weights), ``tb/`` and ``checkpoints/``
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +32,6 @@ _REQUIRED = ("model", "train", "tasks", "data", "state_mean", "state_std", "targ
 
 class CheckpointError(ValueError):
     """A run, weights or checkpoint file is missing, corrupt, or does not fit the model."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a sibling temporary name, fsync it, rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _plain(value: Any) -> Any:
@@ -100,27 +85,15 @@ def write_run_config(
         "target_returns": {str(k): float(v) for k, v in target_returns.items()},
         **{k: _plain(v) for k, v in extra.items()},
     }
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-    return path
+    return write_json_atomic(path, config)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``run_dir/config.json``; a clear ``ValueError`` if it is unusable."""
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no run config (is {Path(run_dir)} a run directory?)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt run config: {err}") from err
-    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{path}: not an eva-rl run config (format != {RUN_FORMAT!r})")
-    if config.get("version") != RUN_VERSION:
-        raise CheckpointError(
-            f"{path}: run config version {config.get('version')!r}, this code reads "
-            f"version {RUN_VERSION}"
-        )
+    config = read_versioned_json(
+        path, RUN_FORMAT, RUN_VERSION, "run config", error_cls=CheckpointError
+    )
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise CheckpointError(f"{path}: run config lacks {missing}")

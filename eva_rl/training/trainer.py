@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eva_rl.logging import RunLogger
+from eva_rl.schema import check_known_fields
 from eva_rl.training import distributed
 from eva_rl.training.checkpoint import (
     checkpoint_dir,
@@ -115,10 +116,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Inverse of ``to_dict``; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; valid: {sorted(names)}")
+        check_known_fields(cls, d, "TrainConfig fields")
         return cls(**dict(d))
 
 

@@ -1,0 +1,165 @@
+"""Atomic writes and versioned JSON files; standard library only.
+
+Every file and directory eva-rl writes goes to a temporary sibling name
+(``.<name>.tmp-<pid>-<hex>``), is fsynced and renamed into place, so an interrupted write
+never leaves a complete-looking file. JSON metadata files carry ``"format"`` and a version
+key and are read back with :func:`read_versioned_json`, which names the file and the
+problem in its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TMP_MARKER = ".tmp-"
+OLD_MARKER = ".old-"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def temp_sibling(path: str | os.PathLike, marker: str = TMP_MARKER) -> Path:
+    """A fresh hidden name beside ``path``: ``.<name><marker><pid>-<hex>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{marker}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (new or renamed files in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(file: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
+    """Open ``file`` for binary writing, call ``write(f)``, then flush and fsync it."""
+    with open(file, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a sibling temporary name, fsync it, rename it to ``path``.
+
+    The parent directory is created if needed; the temporary file is removed on error.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename directory ``new`` to ``dest``; an existing ``dest`` is swapped out, then removed.
+
+    POSIX cannot swap two directories atomically: the old one is first renamed to an
+    ``.old-`` sibling (and renamed back if the second rename fails), so a crash in between
+    leaves it intact under that name.
+    """
+    new, dest = Path(new), Path(dest)
+    old = None
+    if dest.exists():
+        old = temp_sibling(dest, OLD_MARKER)
+        os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name, then rename it to ``path``.
+
+    ``with atomic_dir(path) as tmp:`` yields the new, empty temporary directory; when the
+    block ends without error it is fsynced and renamed into place (an existing ``path`` is
+    replaced only with ``overwrite``, see :func:`replace_dir`); on error it is deleted.
+    """
+    path = Path(path)
+    tmp = temp_sibling(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if overwrite:
+            replace_dir(tmp, path)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_versioned_json(
+    path: str | os.PathLike,
+    fmt: str,
+    version: int,
+    what: str,
+    *,
+    version_key: str = "version",
+    error_cls: type[Exception] = ValueError,
+) -> dict[str, Any]:
+    """Read a JSON object whose ``"format"`` is ``fmt`` and ``version_key`` is ``version``.
+
+    ``what`` names the file's role in messages (``"run config"``). A missing file, text
+    that is not JSON, another format or another version raises ``error_cls`` (a
+    ``ValueError`` subclass by default) naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error_cls(f"{path}: no {what} (file is missing)")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error_cls(f"{path}: corrupt {what}, cannot read it: not valid JSON ({err})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise error_cls(f"{path}: corrupt {what}, cannot read it: {err}") from err
+    found = obj.get("format") if isinstance(obj, dict) else None
+    if found != fmt:
+        raise error_cls(f"{path}: not an eva-rl {what} (format {found!r}, expected {fmt!r})")
+    if obj.get(version_key) != version:
+        raise error_cls(
+            f"{path}: {what} has unknown format version {obj.get(version_key)!r} "
+            f"(this code reads version {version})"
+        )
+    return obj
