@@ -57,7 +57,7 @@ def main() -> None:
     agent = DTAgent.load(args.run)
     t0 = time.perf_counter()
     dt = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                  max_episode_steps=args.max_episode_steps)
+                  max_episode_steps=args.max_episode_steps, progress=False)
     t_dt = time.perf_counter() - t0
     t0 = time.perf_counter()
     rand = random_policy_success(tasks, args.episodes, args.seed, args.max_episode_steps)
