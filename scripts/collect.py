@@ -1,4 +1,4 @@
-"""Collect expert trajectory datasets for Meta-World tasks and print a summary per task.
+r"""Collect expert trajectory datasets for Meta-World tasks and print a summary per task.
 
 One dataset directory per task is written under --out (resumable: run the same command
 again after an interruption and only the unfinished tasks are collected).

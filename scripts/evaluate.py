@@ -1,4 +1,4 @@
-"""Evaluate a pretrained (or fine-tuned) run: success rate per task, batched rollouts.
+r"""Evaluate a pretrained (or fine-tuned) run: success rate per task, batched rollouts.
 
 Loads the run directory with `DTAgent.load` (base model plus any task adapters under
 `RUN/adapters/<task>/`), runs `--episodes` episodes per task in parallel envs and prints a

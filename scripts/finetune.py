@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained Decision Transformer on a task sequence with one or more methods.
+r"""Fine-tune a pretrained Decision Transformer on a task sequence with one or more methods.
 
 Runs the `single` (each task from the pretrained model; the EVA paper's Table 23) or the
 `sequential` (continual) protocol for every method x seed, then writes results.json,

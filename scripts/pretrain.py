@@ -1,4 +1,4 @@
-"""Pretrain a Decision Transformer on offline task datasets and write a run directory.
+r"""Pretrain a Decision Transformer on offline task datasets and write a run directory.
 
 Opens ``DATA/<task>`` for every task, computes state-normalisation statistics and
 per-task target returns (the maximum episode return in each dataset), trains, and

@@ -1,4 +1,4 @@
-"""Benchmark EVA's initialisation: solvers, against PEFT's EVA, against one full SVD, its share
+r"""Benchmark EVA's initialisation: solvers, against PEFT's EVA, against one full SVD, its share
 of a task's fine-tuning time, and the Theorem 3.2 check (EVA vs LoRA init at the first steps).
 
 Every comparison runs side by side in one process, interleaved, repeated; medians are printed

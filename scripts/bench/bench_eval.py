@@ -1,4 +1,4 @@
-"""Evaluation throughput: batched `evaluate` vs a one-episode-at-a-time loop vs raw env steps.
+r"""Evaluation throughput: batched `evaluate` vs a one-episode-at-a-time loop vs raw env steps.
 
 Measures env steps per second including the model for (a) `agents.evaluation`'s batched
 rollout (all episodes of all tasks in one vector env, one forward per step), (b) the loop

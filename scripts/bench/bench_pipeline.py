@@ -1,4 +1,4 @@
-"""Wall-clock, peak memory and time shares of the quickstart and of `cpu` CW10 runs.
+r"""Wall-clock, peak memory and time shares of the quickstart and of `cpu` CW10 runs.
 
 Each measured run is a fresh subprocess (so its peak RSS is its own, read with `wait4`).
 Method runs are interleaved over the repeats (lora, eva, eva_dora, lora, ...) so machine
