@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -32,6 +31,7 @@ from agents.experts import ScriptedCollector
 from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize
+from eva_rl.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v3",
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     times["finetune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
-    (out / "timings.json").write_text(json.dumps(times, indent=2))
+    write_json_atomic(out / "timings.json", times)
 
     print()
     print(format_table(summarize(results)))
