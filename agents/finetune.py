@@ -12,7 +12,9 @@ same ``task_dir`` continues from the latest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,19 +47,32 @@ from eva_rl.eva import (
 from eva_rl.logging import RunLogger
 from eva_rl.metrics import success_auc
 from eva_rl.schema import check_known_fields
-from eva_rl.training import TrainConfig, Trainer, list_checkpoints
+from eva_rl.training import Callback, StepHook, TrainConfig, Trainer, list_checkpoints
 from eva_rl.training.trainer import TB_DIR
 
 logger = logging.getLogger(__name__)
 
-StepHook = Callable[[str, int], None]
+TaskHook = Callable[[str, int], None]
 """``hook(task, step)``: called before every training update (``step`` updates done)."""
+
+
+def _finetune_train_config() -> TrainConfig:
+    """The optimisation defaults of fine-tuning (TrainConfig's own are pretraining's)."""
+    return TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, checkpoint_every=100,
+                       keep_checkpoints=2)
 
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning settings shared by every method and task of an experiment."""
+    """Fine-tuning settings shared by every method and task of an experiment.
 
+    ``train`` holds the optimisation (updates, batch, learning rate of adapter methods,
+    schedule, clipping, precision, device, checkpoints); its ``seed`` is replaced per task.
+    ``replace`` accepts the names of ``train``'s fields too (``cfg.replace(steps=50)``).
+    """
+
+    train: TrainConfig = dataclasses.field(default_factory=_finetune_train_config)
+    """Trainer settings of one task (``lr`` is the adapter methods' peak learning rate)."""
     rank: int = 4
     """Adapter rank r (EVA: the average rank, budget N * r). The paper tried 2-16; 4 was
     EVA+DoRA's best rank there and is cheap on CPU for 128-wide models."""
@@ -67,22 +82,8 @@ class FinetuneConfig:
     """EVA redistribution factor (paper: no gain from rho = 2 in RL, so uniform rank)."""
     tau: float = 0.99
     """EVA convergence threshold (cosine similarity of consecutive components)."""
-    lr: float = 1e-3
-    """Peak learning rate of adapter methods."""
     fft_lr: float = 3e-4
     """Peak learning rate of full fine-tuning (all weights move, so smaller)."""
-    steps: int = 300
-    """Optimizer updates per task."""
-    batch_size: int = 32
-    """Windows per update."""
-    warmup_steps: int = 30
-    """Linear warm-up updates (then cosine decay to ``min_lr``)."""
-    min_lr: float = 1e-6
-    """Floor of the cosine decay."""
-    weight_decay: float = 0.01
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 0.25
-    """Global gradient-norm clip (paper: 0.25)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
     eval_every: int = 100
@@ -99,34 +100,25 @@ class FinetuneConfig:
     """Cap on EVA forward passes."""
     eva_token_types: tuple[str, ...] | None = None
     """Token types whose activations enter EVA (None = every real token)."""
-    checkpoint_every: int = 100
-    """Trainer checkpoint interval (a task resumes from the latest one)."""
-    log_every: int = 10
-    """Loss-curve resolution: one point (mean loss) per this many updates."""
-    precision: str = "auto"
-    """Trainer precision: ``auto`` | ``fp32`` | ``bf16``."""
-    device: str = "auto"
-    """``auto`` (cuda when present) | ``cpu`` | ``cuda``."""
-    progress: bool = True
-    """tqdm bars for training and evaluation."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, Mapping):
+            self.train = TrainConfig.from_dict(self.train)
         if self.eva_token_types is not None:
             self.eva_token_types = tuple(self.eva_token_types)
-        for name in ("rank", "steps", "batch_size", "eval_episodes", "max_episode_steps",
-                     "eva_batch_size", "eva_max_batches", "log_every"):
+        for name in ("rank", "eval_episodes", "max_episode_steps", "eva_batch_size",
+                     "eva_max_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.fft_lr > 0):
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, "
-                             f"fft_lr={self.fft_lr}")
+        if int(self.eval_every) < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if not self.fft_lr > 0:
+            raise ValueError(f"fft_lr must be > 0, got {self.fft_lr}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
         d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
         if self.eva_token_types is not None:
             d["eva_token_types"] = list(self.eva_token_types)
         return d
@@ -138,21 +130,29 @@ class FinetuneConfig:
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> FinetuneConfig:
-        """A copy with some fields changed (None values are ignored: "not given")."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with some fields changed, ``train``'s included (None values: "not given")."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+        train = {k: changes.pop(k) for k in list(changes) if k in train_names}
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown fine-tuning settings: {', '.join(sorted(unknown))}")
+        if train:
+            changes["train"] = dataclasses.replace(changes.get("train", self.train), **train)
+        return dataclasses.replace(self, **changes)
 
 
 CONFIGS: dict[str, FinetuneConfig] = {
     # one method over all of CW10 (`single`) in ~5-8 minutes on 2 CPU cores, small DT
-    "cpu": FinetuneConfig(steps=300, eval_every=150, eval_episodes=10, checkpoint_every=100),
+    "cpu": FinetuneConfig(eval_every=150, eval_episodes=10),
     # the quickstart and smoke runs: a tiny DT, a few minutes for everything
-    "quick": FinetuneConfig(steps=120, batch_size=32, warmup_steps=10, eval_every=120,
-                            eval_episodes=5, checkpoint_every=60, eva_max_batches=20),
+    "quick": FinetuneConfig().replace(steps=120, warmup_steps=10, checkpoint_every=60,
+                                      eval_every=120, eval_episodes=5, eva_max_batches=20),
     # the EVA paper's fine-tuning (GPU): 100k updates of batch 128, lr 1e-4
-    "paper": FinetuneConfig(steps=100_000, batch_size=128, lr=1e-4, fft_lr=1e-4,
-                            warmup_steps=4000, eval_every=10_000, eval_episodes=10,
-                            checkpoint_every=5000, log_every=100, eva_batch_size=128,
-                            eva_max_batches=100),
+    "paper": FinetuneConfig().replace(steps=100_000, batch_size=128, lr=1e-4, fft_lr=1e-4,
+                                      warmup_steps=4000, checkpoint_every=5000, log_every=100,
+                                      eval_every=10_000, eval_episodes=10, eva_batch_size=128,
+                                      eva_max_batches=100),
 }
 
 
@@ -160,10 +160,10 @@ def get_config(name: str) -> FinetuneConfig:
     """A named configuration (a fresh copy); unknown -> one-line error with the names."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; valid configs: {', '.join(CONFIGS)}")
-    return dataclasses.replace(CONFIGS[name])
+    return copy.deepcopy(CONFIGS[name])
 
 
-def task_seed(seed: int, index: int) -> int:
+def finetune_seed(seed: int, index: int) -> int:
     """Seed of task ``index`` of a run with ``seed`` (independent of what ran before it)."""
     return 1000 * seed + index
 
@@ -173,72 +173,58 @@ def eval_seed(seed: int) -> int:
     return 100_000 * (seed + 1)
 
 
-class EvalDuringTraining:
-    """A sampler wrapper that evaluates the task every ``eval_every`` updates.
+class SuccessCurve(Callback):
+    """Evaluates the task every ``eval_every`` updates (and before the first, and after the
+    last): the success curve. The curve is saved in every checkpoint, so a resumed task has
+    the points measured before the interruption."""
 
-    The Trainer draws one batch per update, so the ``n``-th ``sample`` call happens after
-    ``n - 1`` updates: that is where the curve point is taken (and where ``hook`` runs). The
-    curve is part of ``state_dict``, so it is saved in every checkpoint and a resumed task
-    has the points measured before the interruption.
-    """
+    name = "success_curve"
 
-    def __init__(self, sampler: WindowSampler, evaluate_fn: Callable[[], dict[str, float]],
-                 model: torch.nn.Module, task: str, eval_every: int, eval_at_start: bool,
-                 hook: StepHook | None = None) -> None:
-        self.sampler = sampler
+    def __init__(self, evaluate_fn: Callable[[], dict[str, float]], task: str,
+                 eval_every: int, eval_at_start: bool) -> None:
         self.evaluate_fn = evaluate_fn
-        self.model = model
         self.task = task
         self.eval_every = eval_every
         self.eval_at_start = eval_at_start
-        self.hook = hook
-        self.calls = 0
         self.curve: list[list[float]] = []  # [step, success, mean_return]
         self.eval_seconds = 0.0  # all evaluations of the task (kept across a resume)
         self.session_eval_seconds = 0.0  # those of this process only
 
-    def due(self, step: int) -> bool:
-        """Whether the curve has a point at ``step``."""
-        if step == 0:
-            return self.eval_at_start
-        return self.eval_every > 0 and step % self.eval_every == 0
-
-    def measure(self, step: int) -> None:
+    def measure(self, trainer: Trainer) -> None:
         """Evaluate now (in eval mode) and append ``(step, success, return)`` to the curve."""
+        step = trainer.step
         if self.curve and self.curve[-1][0] >= step:
             return
         t0 = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
+        was_training = trainer.model.training
+        trainer.model.eval()
         res = self.evaluate_fn()
-        self.model.train(was_training)
+        trainer.model.train(was_training)
         seconds = time.perf_counter() - t0
         self.eval_seconds += seconds
         self.session_eval_seconds += seconds
         self.curve.append([step, res["success_rate"], res["mean_return"]])
+        trainer.log_scalars({f"eval/{self.task}/success": res["success_rate"],
+                             f"eval/{self.task}/return": res["mean_return"]}, step)
         logger.info("%s step %d: success %.2f", self.task, step, res["success_rate"])
 
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Run the hook, take a curve point if one is due, then draw the batch."""
-        step = self.calls
-        if self.hook is not None:
-            self.hook(self.task, step)
-        if self.due(step):
-            self.measure(step)
-        self.calls += 1
-        return self.sampler.sample(batch_size)
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.step == 0 and self.eval_at_start:
+            self.measure(trainer)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.eval_every > 0 and trainer.step % self.eval_every == 0:
+            self.measure(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.measure(trainer)  # the final point (skipped if the curve has it already)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able: the inner sampler's state, the update count and the curve so far."""
-        return {"sampler": self.sampler.state_dict(), "calls": self.calls,
-                "curve": self.curve, "eval_seconds": self.eval_seconds}
+        return {"curve": self.curve, "eval_seconds": self.eval_seconds}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Inverse of ``state_dict`` (called by the Trainer on resume)."""
-        self.sampler.load_state_dict(state["sampler"])
-        self.calls = int(state["calls"])
-        self.curve = [list(p) for p in state["curve"]]
-        self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.curve = [[float(v) for v in p] for p in state["curve"]]
+        self.eval_seconds = float(state["eval_seconds"])
 
 
 def eva_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneConfig,
@@ -299,16 +285,10 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
 
 
 def train_config(method: Method, config: FinetuneConfig, seed: int) -> TrainConfig:
-    """The Trainer settings of one task."""
-    return TrainConfig(
-        steps=config.steps, batch_size=config.batch_size,
-        lr=config.fft_lr if method.is_full else config.lr,
-        min_lr=min(config.min_lr, config.fft_lr if method.is_full else config.lr),
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip, precision=config.precision, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=2, seed=seed,
-        device=config.device, progress=config.progress,
-    )
+    """The Trainer settings of one task: ``config.train`` with the method's learning rate."""
+    lr = config.fft_lr if method.is_full else config.train.lr
+    return dataclasses.replace(config.train, lr=lr, min_lr=min(config.train.min_lr, lr),
+                               seed=seed)
 
 
 def loss_curve(history: Sequence[tuple[int, float, float]], every: int) -> dict[str, list]:
@@ -330,7 +310,7 @@ def finetune_task(
     task_dir: str | Path,
     seed: int = 0,
     index: int = 0,
-    hook: StepHook | None = None,
+    hook: TaskHook | None = None,
     eval_slot: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``agent.model`` on ``task`` in place and return the task's record.
@@ -346,7 +326,7 @@ def finetune_task(
     """
     task_dir = Path(task_dir)
     t_start = time.perf_counter()
-    s = task_seed(seed, index)
+    s = finetune_seed(seed, index)
     target = float(np.max(dataset.episode_returns))
     agent.set_task(task, target_return=agent.target_returns.get(task, target))
     trainable, eva_seconds, ranks, eva_result = attach_method(
@@ -364,16 +344,18 @@ def finetune_task(
     sampler = WindowSampler([dataset], context_len=cfg.context_len,
                             reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
                             state_std=agent.state_std, seed=s)
-    wrapped = EvalDuringTraining(sampler, evaluate_task, agent.model, task, config.eval_every,
-                                 config.eval_at_start, hook)
-    trainer = Trainer(agent.model, wrapped, train_config(method, config, s), task_dir / "train",
-                      hparams={"method": method.name, "task": task, "finetune": config.to_dict()})
+    curve_cb = SuccessCurve(evaluate_task, task, config.eval_every, config.eval_at_start)
+    callbacks: list[Callback] = [curve_cb]
+    if hook is not None:
+        callbacks.append(StepHook(functools.partial(hook, task)))
+    trainer = Trainer(agent.model, sampler, train_config(method, config, s), task_dir / "train",
+                      hparams={"method": method.name, "task": task, "finetune": config.to_dict()},
+                      callbacks=callbacks)
     t_train = time.perf_counter()
     history = trainer.train(resume=bool(list_checkpoints(task_dir / "train")))
-    train_wall = time.perf_counter() - t_train - wrapped.session_eval_seconds
-    wrapped.measure(config.steps)  # final point (skipped if the curve has it already)
-    final = wrapped.curve[-1]
-    curve = np.asarray(wrapped.curve, dtype=np.float64)
+    train_wall = time.perf_counter() - t_train - curve_cb.session_eval_seconds
+    final = curve_cb.curve[-1]
+    curve = np.asarray(curve_cb.curve, dtype=np.float64)
     agent.model.eval()
     # wall time of this call: a resumed task counts only the time after resuming
     total = time.perf_counter() - t_start
@@ -388,11 +370,11 @@ def finetune_task(
         "trainable_params": int(trainable),
         "finetune_seconds": total,
         "train_seconds": train_wall,
-        "eval_seconds": wrapped.eval_seconds,
+        "eval_seconds": curve_cb.eval_seconds,
         "eva_seconds": eva_seconds,
         "eva_share": min(eva_seconds / total, 1.0) if total > 0 else 0.0,
         "first_grad_norm": float(history[0][2]) if history else None,
-        "loss_curve": loss_curve(history, config.log_every),
+        "loss_curve": loss_curve(history, config.train.log_every),
         "success_curve": {"steps": curve[:, 0].astype(int).tolist(),
                           "success": curve[:, 1].tolist(), "return": curve[:, 2].tolist()},
         "auc": success_auc(curve[:, 1], curve[:, 0]) if len(curve) > 1 else float(curve[0, 1]),

@@ -28,15 +28,18 @@ import datetime
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
-from agents.finetune import FinetuneConfig, StepHook, eval_seed, finetune_task
+from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
 from agents.methods import Method, get_method, parse_methods
 from agents.reports import empty_results, write_json, write_report
 from envs import resolve_tasks
@@ -45,11 +48,14 @@ from eva_rl.data import TrajectoryDataset, open_datasets
 from eva_rl.io import read_versioned_json
 from eva_rl.training import load_weights, read_run_config, resolve_device, save_weights
 
+if TYPE_CHECKING:
+    from agents.executors import Executor
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("single", "sequential")
 EXPERIMENT_FORMAT = "eva-rl-finetune"
-EXPERIMENT_VERSION = 1
+EXPERIMENT_VERSION = 2  # 2: the trainer settings under config.train
 RECORD_FILE = "record.json"
 # settings that may differ between an interrupted run and its resumption
 _RESUMABLE = {"progress", "device"}
@@ -157,16 +163,26 @@ def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = Fals
     return moved
 
 
+def experiment_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                           prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting (nested ones dotted) that a resume may not
+    change (everything but ``progress`` and ``device``)."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += experiment_differences(a, b, f"{prefix}{key}.")
+        elif key not in _RESUMABLE and a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
 def check_same_experiment(out: Path, exp: Experiment) -> None:
     """``--resume`` must continue the same experiment: a one-line error naming differences."""
     saved = read_versioned_json(
         out / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION, "fine-tuning run config"
     )
-    old, new = saved["experiment"], exp.to_dict()
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
-             if k != "config" and old.get(k) != v]
-    diffs += [f"{k}: {old['config'].get(k)!r} -> {v!r}" for k, v in new["config"].items()
-              if k not in _RESUMABLE and old["config"].get(k) != v]
+    diffs = experiment_differences(saved["experiment"], exp.to_dict())
     if diffs:
         raise ValueError(f"{out} was started with other settings ({'; '.join(diffs)}); "
                          "resume with the same options or use --overwrite / a new --out")
@@ -193,28 +209,108 @@ def read_record(task_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False,
-                   overwrite: bool = False, hook: StepHook | None = None,
-                   report: bool = True) -> dict[str, Any]:
-    """Run (or continue) every method x seed of ``exp``; returns the results dict.
+@dataclass(frozen=True)
+class Cell:
+    """One unit of an experiment that depends on no other: a method and a seed, and under
+    the ``single`` protocol one task (``task_index``); under ``sequential`` the whole task
+    chain (``task_index`` None). A cell writes only its own directory (`cell_dir`)."""
 
-    ``hook(task, step)`` runs before every training update (raise from it to interrupt).
-    ``results.json`` is rewritten after every finished task; the full report (CSV,
-    report.md, plots, tensorboard) is written at the end when ``report``.
+    method: str
+    seed: int
+    task_index: int | None = None
+
+    def label(self, exp: Experiment) -> str:
+        """``lora seed 0 hammer-v3`` (or without the task for a whole chain)."""
+        task = "" if self.task_index is None else f" {exp.tasks[self.task_index]}"
+        return f"{self.method} seed {self.seed}{task}"
+
+
+def experiment_cells(exp: Experiment) -> list[Cell]:
+    """Every cell of ``exp``, methods outermost (the order the local executor runs them)."""
+    if exp.protocol == "sequential":
+        return [Cell(m, s) for m in exp.methods for s in exp.seeds]
+    return [Cell(m, s, i) for m in exp.methods for s in exp.seeds for i in range(len(exp.tasks))]
+
+
+def cell_dir(out: str | os.PathLike, exp: Experiment, cell: Cell) -> Path:
+    """The directory only ``cell`` writes."""
+    run = run_dir_of(Path(out), cell.method, cell.seed)
+    if cell.task_index is None:
+        return run
+    return task_dir_of(run, cell.task_index, exp.tasks[cell.task_index])
+
+
+def cell_finished(out: str | os.PathLike, exp: Experiment, cell: Cell) -> bool:
+    """Whether every task of ``cell`` has its record."""
+    run = run_dir_of(Path(out), cell.method, cell.seed)
+    indices = range(len(exp.tasks)) if cell.task_index is None else [cell.task_index]
+    return all(read_record(task_dir_of(run, i, exp.tasks[i])) is not None for i in indices)
+
+
+class RunDirNotVisible(ValueError):
+    """A cell's process cannot see the run directory (not on a shared filesystem)."""
+
+
+def check_run_dir_visible(out: Path, exp: Experiment) -> None:
+    """Before a cell writes: the run directory this process sees is the driver's.
+
+    On a cluster every node must see ``OUT`` (and the data and pretrained run) at the same
+    path; without this check a cell on a node that does not would start a run of its own."""
+    host = socket.gethostname()
+    if not (out / "config.json").is_file():
+        raise RunDirNotVisible(
+            f"{out}/config.json is not visible on host {host}: the run directory must be on "
+            "a filesystem that every Ray node mounts at the same path")
+    check_same_experiment(out, exp)
+
+
+def run_cell(exp: Experiment, out: str | os.PathLike, cell: Cell,
+             hook: TaskHook | None = None) -> None:
+    """Run (or continue from its latest checkpoint) one cell of ``exp`` under ``out``.
+
+    Anything the cell finished before is read back, not redone, so a cell whose process
+    died can simply be called again."""
+    out = Path(out).resolve()
+    check_run_dir_visible(out, exp)
+    tasks = exp.tasks if cell.task_index is None else (exp.tasks[cell.task_index],)
+    datasets = open_datasets(exp.data, dict.fromkeys(tasks))
+    method = get_method(cell.method)
+    run = run_dir_of(out, cell.method, cell.seed)
+    if cell.task_index is None:
+        run_sequential(exp, datasets, method, cell.seed, run, hook)
+    else:
+        run_single_task(exp, datasets, method, cell.seed, cell.task_index, run, hook)
+
+
+def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False,
+                   overwrite: bool = False, hook: TaskHook | None = None,
+                   report: bool = True, executor: Executor | None = None) -> dict[str, Any]:
+    """Run (or continue) every cell of ``exp``; returns the results dict.
+
+    ``executor`` decides where cells run (default `LocalExecutor`: here, one after another;
+    `RayExecutor`: as Ray tasks). ``hook(task, step)`` runs before every training update
+    (raise from it to interrupt). ``results.json`` is rewritten whenever a cell finishes;
+    the full report (CSV, report.md, plots, tensorboard) is written at the end when
+    ``report``.
     """
-    out = Path(out)
-    datasets = check_inputs(exp)
+    from agents.executors import LocalExecutor
+
+    out = Path(out).resolve()
+    executor = executor or LocalExecutor()
+    check_inputs(exp)
+    executor.check()  # e.g. the Ray cluster and its resources, before anything is written
     prepare_run_dir(out, exp, resume=resume, overwrite=overwrite)
-    for method_name in exp.methods:
-        method = get_method(method_name)
-        for seed in exp.seeds:
-            run = run_dir_of(out, method.name, seed)
-            logger.info("%s: %s seed %d", exp.protocol, method.name, seed)
-            if exp.protocol == "single":
-                run_single(exp, datasets, method, seed, run, out, hook)
-            else:
-                run_sequential(exp, datasets, method, seed, run, out, hook)
+    cells = experiment_cells(exp)
+    pending = [c for c in cells if not cell_finished(out, exp, c)]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), unit="cell",
+               desc=f"{exp.protocol} cells", disable=not exp.config.train.progress)
+    with bar:
+        for cell in executor.run(exp, out, pending, hook):
+            bar.update(1)
+            bar.set_postfix_str(cell.label(exp))
+            write_json(out / "results.json", collect_results(out, exp))
     results = collect_results(out, exp)
+    write_json(out / "results.json", results)
     if report:
         write_report(results, out)
     return results
@@ -222,29 +318,29 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False
 
 def load_agent(exp: Experiment, datasets: Mapping[str, TrajectoryDataset]) -> DTAgent:
     """The pretrained agent, with a target return for every task (its dataset's maximum)."""
-    agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.device))
+    agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.train.device))
     for task, ds in datasets.items():
         agent.target_returns.setdefault(task, float(ds.episode_returns.max()))
     return agent
 
 
-def run_single(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
-               seed: int, run: Path, out: Path, hook: StepHook | None = None) -> None:
-    """Every task from the same pretrained model; its adapter saved in ``<task>/adapter``."""
-    for i, task in enumerate(exp.tasks):
-        tdir = task_dir_of(run, i, task)
-        if read_record(tdir) is not None:
-            continue
-        agent = load_agent(exp, datasets)
-        record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
-                               index=i, hook=hook)
-        _save_state(agent, method, task, tdir)
-        write_json(tdir / RECORD_FILE, record)
-        write_json(out / "results.json", collect_results(out, exp))
+def run_single_task(exp: Experiment, datasets: Mapping[str, TrajectoryDataset],
+                    method: Method, seed: int, index: int, run: Path,
+                    hook: TaskHook | None = None) -> None:
+    """Task ``index`` from the pretrained model; its adapter saved in ``<task>/adapter``."""
+    task = exp.tasks[index]
+    tdir = task_dir_of(run, index, task)
+    if read_record(tdir) is not None:
+        return
+    agent = load_agent(exp, datasets)
+    record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
+                           index=index, hook=hook)
+    _save_state(agent, method, task, tdir)
+    write_json(tdir / RECORD_FILE, record)
 
 
 def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
-                   seed: int, run: Path, out: Path, hook: StepHook | None = None) -> None:
+                   seed: int, run: Path, hook: TaskHook | None = None) -> None:
     """The tasks in order on one agent; a success-matrix row after each task."""
     agent = load_agent(exp, datasets)
     unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
@@ -259,12 +355,11 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
         t0 = time.perf_counter()
         row = evaluate(agent, unique, n_episodes=exp.config.eval_episodes,
                        seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
-                       progress=exp.config.progress)
+                       progress=exp.config.train.progress)
         record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
         record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
         record["row_eval_seconds"] = time.perf_counter() - t0
         write_json(tdir / RECORD_FILE, record)
-        write_json(out / "results.json", collect_results(out, exp))
 
 
 def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:

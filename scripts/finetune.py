@@ -10,6 +10,8 @@ Example:
         --protocol single --methods lora,eva,eva_dora --tasks CW10 --seeds 0 \
         --config cpu --out runs/cw10-single
     python scripts/finetune.py ... --out runs/cw10-single --resume
+    python scripts/finetune.py ... --executor ray                      # every core here
+    python scripts/finetune.py ... --executor ray --ray-address HEAD:6379 --gpus-per-cell 0.25
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 import torch
 
+from agents.executors import Executor, LocalExecutor, RayExecutor
 from agents.finetune import CONFIGS, get_config
 from agents.methods import METHODS
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
@@ -59,7 +62,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (default 1: for these small models one thread was "
                         "up to ~90x faster per forward than two on the shared 2-core machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex = p.add_argument_group("where cells run (a cell: method x seed, and x task under single)")
+    ex.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: one cell after another here; ray: each cell a Ray task")
+    ex.add_argument("--ray-address", help="join this Ray cluster (host:port or auto); "
+                    "default: start a local Ray with every core")
+    ex.add_argument("--cpus-per-cell", type=float, default=1, help="Ray CPUs of one cell")
+    ex.add_argument("--gpus-per-cell", type=float, default=0,
+                    help="Ray GPUs of one cell (fractions pack cells: 0.25 = four per GPU)")
     return p.parse_args(argv)
+
+
+def make_executor(args: argparse.Namespace) -> Executor:
+    """The executor the options ask for (Ray options without --executor ray are an error)."""
+    if args.executor == "local":
+        if args.ray_address is not None:
+            raise ValueError("--ray-address needs --executor ray")
+        return LocalExecutor()
+    return RayExecutor(address=args.ray_address, cpus_per_cell=args.cpus_per_cell,
+                       gpus_per_cell=args.gpus_per_cell)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
                          methods=args.methods.split(","), seeds=parse_seeds(args.seeds),
                          protocol=args.protocol, config=config)
+        executor = make_executor(args)
         t0 = time.perf_counter()
-        results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, DatasetError, FileExistsError, FileNotFoundError) as err:
+        results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,
+                                 executor=executor)
+    except (ValueError, DatasetError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(summarize(results)))

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = Experiment(pretrained=str(pre), data=str(data), tasks=FINETUNE_TASKS, methods=METHODS,
                      seeds=(args.seed,), protocol="sequential", config=config)
     print(f"[3/3] fine-tuning {', '.join(METHODS)} sequentially on {', '.join(FINETUNE_TASKS)} "
-          f"({config.steps} updates per task) ...")
+          f"({config.train.steps} updates per task) ...")
     t0 = time.perf_counter()
     try:
         results = run_experiment(exp, ft, resume=True)

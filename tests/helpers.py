@@ -15,3 +15,41 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------- tiny fine-tuning experiments
+
+TASKS = ("faucet-close-v3", "window-close-v3")
+"""The two CW10 tasks of the tiny end-to-end experiments (the `finetune_setup` fixture)."""
+
+
+def tiny_config(**kw):
+    """A fine-tuning config of a few updates on the tiny DT (overrides in ``kw``)."""
+    from agents.finetune import get_config
+
+    cfg = get_config("quick").replace(steps=6, batch_size=8, warmup_steps=1, eval_every=0,
+                                      eval_at_start=False, eval_episodes=1, max_episode_steps=15,
+                                      checkpoint_every=2, log_every=2, eva_batch_size=4,
+                                      eva_max_batches=4, device="cpu", progress=False)
+    return cfg.replace(**kw)
+
+
+def experiment(setup, protocol="sequential", methods=("eva_dora",), **kw):
+    """A tiny `Experiment` on the data and pretrained model of ``setup``."""
+    from agents.protocols import Experiment
+
+    _, data, pre = setup
+    return Experiment(pretrained=str(pre), data=str(data), tasks=TASKS, methods=methods,
+                      seeds=(0,), protocol=protocol, config=tiny_config(**kw))
+
+
+def comparable(results):
+    """Everything of the results except wall-clock times."""
+    def strip(rec):
+        return {k: v for k, v in rec.items() if "seconds" not in k and k != "eva_share"
+                and k != "eva"}
+    return [{**run, "per_task": [strip(r) for r in run["per_task"]]} for run in results["runs"]]
+
+
+class Interrupt(Exception):
+    """Raised from a step hook to stop a run at a chosen point."""

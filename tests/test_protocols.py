@@ -7,57 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_script
+from helpers import TASKS, Interrupt, comparable, experiment, load_script
 
-from agents.finetune import get_config
-from agents.protocols import Experiment, run_experiment
-
-TASKS = ("faucet-close-v3", "window-close-v3")
-
+from agents.protocols import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from agents.collection import collect_datasets
-    from agents.experts import ScriptedCollector
-
-    root = tmp_path_factory.mktemp("e2e")
-    data = root / "data"
-    collect_datasets(TASKS, ScriptedCollector(noise=(0.0, 0.3), max_episode_steps=30), 2, data,
-                     progress=False)
-    pre = root / "pre"
-    load_script("pretrain").main(["--data", str(data), "--tasks", ",".join(TASKS), "--preset",
-                                  "tiny", "--steps", "6", "--batch-size", "8", "--out",
-                                  str(pre), "--no-progress", "--checkpoint-every", "0"])
-    return root, data, pre
-
-
-def tiny_config(**kw):
-    cfg = get_config("quick").replace(steps=6, batch_size=8, warmup_steps=1, eval_every=0,
-                                      eval_at_start=False, eval_episodes=1, max_episode_steps=15,
-                                      checkpoint_every=2, log_every=2, eva_batch_size=4,
-                                      eva_max_batches=4, device="cpu", progress=False)
-    return cfg.replace(**kw)
-
-
-def experiment(setup, protocol="sequential", methods=("eva_dora",), **kw):
-    _, data, pre = setup
-    return Experiment(pretrained=str(pre), data=str(data), tasks=TASKS, methods=methods,
-                      seeds=(0,), protocol=protocol, config=tiny_config(**kw))
-
-
-def comparable(results):
-    """Everything of the results except wall-clock times."""
-    def strip(rec):
-        return {k: v for k, v in rec.items() if "seconds" not in k and k != "eva_share"
-                and k != "eva"}
-    return [{**run, "per_task": [strip(r) for r in run["per_task"]]} for run in results["runs"]]
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_sequential_interrupt_and_resume_matches(setup, tmp_path):

@@ -1,5 +1,6 @@
 """Training: the trainer, learning-rate schedule, checkpoints, run directories, DDP."""
 
+from eva_rl.training.callbacks import Callback, StepHook
 from eva_rl.training.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -20,6 +21,7 @@ from eva_rl.training.schedule import lr_at
 from eva_rl.training.trainer import TrainConfig, Trainer, build_optimizer, resolve_precision
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "DistInfo",
     "TrainConfig",
@@ -38,5 +40,6 @@ __all__ = [
     "resolve_precision",
     "save_checkpoint",
     "save_weights",
+    "StepHook",
     "write_run_config",
 ]

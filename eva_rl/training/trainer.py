@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from eva_rl.logging import RunLogger
 from eva_rl.schema import check_known_fields
 from eva_rl.training import distributed
+from eva_rl.training.callbacks import Callback
 from eva_rl.training.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -186,6 +187,8 @@ class Trainer:
         loss_fn: ``loss_fn(model, batch) -> scalar``, the mean loss over the batch
             (default ``model.loss(batch)``).
         hparams: extra hyperparameters for the tensorboard table (e.g. the model config).
+        callbacks: hooks into the loop (`eva_rl.training.callbacks`); their state is saved
+            in every checkpoint.
 
     After ``train()``, ``history`` holds ``(step, loss, grad_norm)`` per update (the
     gradient norm before clipping).
@@ -199,8 +202,14 @@ class Trainer:
         run_dir: str | os.PathLike | None = None,
         loss_fn: LossFn | None = None,
         hparams: Mapping[str, Any] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         self.config = config
+        self.callbacks = list(callbacks or [])
+        names = [cb.name for cb in self.callbacks]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"callbacks need distinct, non-empty names, got {names}")
+        self.log: RunLogger | None = None
         self.sampler = sampler
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.dist = distributed.current(config.device)
@@ -248,12 +257,15 @@ class Trainer:
             log = RunLogger(self.run_dir / TB_DIR, enabled=main,
                             purge_step=self.step + 1 if self.step else None)
             log.hparams(self._all_hparams())
+        self.log = log
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main),
                    desc="train", dynamic_ncols=True)
         window: list[tuple[float, float, float, int]] = []
         try:
+            self._call("on_train_start")
             while self.step < cfg.steps:
+                self._call("on_step_start")
                 t0 = time.perf_counter()
                 lr = self._set_lr()
                 loss, grad_norm, tokens = self._update()
@@ -275,18 +287,30 @@ class Trainer:
                     window.clear()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.step}")
+                self._call("on_step_end")
                 every = cfg.checkpoint_every
                 if self.run_dir is not None and (
                     (every and self.step % every == 0) or self.step == cfg.steps
                 ):
                     self.save_checkpoint()
+            self._call("on_train_end")
         finally:
             bar.close()
+            self.log = None
             if log is not None:
                 if self.history:
                     log.hparams(self._all_hparams(), {"hparam/final_loss": self.history[-1][1]})
                 log.close()
         return self.history
+
+    def _call(self, hook: str) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self)
+
+    def log_scalars(self, values: Mapping[str, float], step: int | None = None) -> None:
+        """Tensorboard scalars next to the trainer's own (no-op without a run_dir)."""
+        if self.log is not None:
+            self.log.scalars(dict(values), self.step if step is None else step)
 
     def _set_lr(self) -> float:
         cfg = self.config
@@ -320,6 +344,7 @@ class Trainer:
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip)
         self.optimizer.step()
+        self._call("on_optimizer_step")
         distributed.all_reduce_sum(loss_sum)
         tokens = int(np.prod(batch["mask"].shape)) if "mask" in batch else cfg.batch_size
         tokens *= int(getattr(self.model, "n_tokens", 1))
@@ -354,6 +379,7 @@ class Trainer:
             "rng_cpu": [r.cpu() for r in cpu_rngs],
             "world_size": self.dist.world_size,
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 3),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
         if self.device.type == "cuda":
             cuda = torch.cuda.get_rng_state(self.device).to(self.device)
@@ -393,6 +419,10 @@ class Trainer:
             self.sampler.load_state_dict(json.loads(state["sampler"]))
             step, history = int(state["step"]), state["history"]
             rngs = state["rng_cpu"]
+            saved_callbacks = state.get("callbacks", {})
+            for cb in self.callbacks:
+                if cb.name in saved_callbacks:
+                    cb.load_state_dict(saved_callbacks[cb.name])
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{file}: cannot restore training state: {err}") from err
         changed = {k: (v, getattr(self.config, k)) for k, v in saved_cfg.items()

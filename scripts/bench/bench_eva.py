@@ -272,20 +272,20 @@ def share_one(args, device, preset: str, name: str) -> None:
         t, res = timed(lambda: compute_eva(model, batches, ecfg, forward, mask_fn), device)
         eva_t.append(t)
     apply_eva(model, "task", res, AdapterConfig(method="lora", rank=ft.rank, alpha=ft.alpha))
-    train_b, scale = ft.batch_size, 1.0
+    train_b, scale = ft.train.batch_size, 1.0
     if device.type == "cpu" and preset == "paper":  # batch 128 x 200 tokens: too slow here
-        train_b, scale = args.paper_train_batch, ft.batch_size / args.paper_train_batch
+        train_b, scale = args.paper_train_batch, ft.train.batch_size / args.paper_train_batch
     tb = make_batches(args, cfg, 4, train_b, device, seed=2)
     st = step_time(model, tb, device, args.steps) * scale
-    total = st * ft.steps
+    total = st * ft.train.steps
     share = med(eva_t) / (med(eva_t) + total)
     note = f" (timed at batch {train_b}, x{scale:g} assumed linear)" if scale != 1 else ""
     print(f"{preset} DT ({model.num_parameters() / 1e6:.2f}M params), fine-tuning config "
           f"{name!r}: EVA {med(eva_t):.3f}s ({res.batches_used} batches of {eva_b} windows, "
-          f"{res.stop_reason}); train step {st * 1e3:.1f} ms{note} x {ft.steps} steps = "
+          f"{res.stop_reason}); train step {st * 1e3:.1f} ms{note} x {ft.train.steps} steps = "
           f"{total:.1f}s -> EVA share {100 * share:.3f}% (paper 0.2-0.7%, goal <= 0.5%)")
     if name != "paper":
-        long = CONFIGS["paper"].steps
+        long = CONFIGS["paper"].train.steps
         print(f"  the same step time x the paper's {long} steps: EVA share "
               f"{100 * med(eva_t) / (med(eva_t) + st * long):.4f}%")
 
