@@ -24,11 +24,17 @@ import time
 import torch
 
 from agents.executors import Executor, LocalExecutor, RayExecutor
-from agents.finetune import CONFIGS, get_config
+from agents.finetune import CONFIGS, FinetuneConfig, get_config
 from agents.methods import METHODS
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize
 from eva_rl.data import DatasetError
+from eva_rl.schema import add_field_flags
+from eva_rl.training import TrainConfig
+
+CONFIG_FLAGS = ("rank", "alpha", "rho", "tau", "fft_lr", "eval_every", "eval_episodes",
+                "max_episode_steps")
+TRAIN_FLAGS = ("lr", "steps", "batch_size", "warmup_steps", "device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,18 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="move an existing run in --out aside (to OUT.old-<time>), start anew")
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
                    help="settings preset; the options below override single fields")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--rho", type=float)
-    p.add_argument("--tau", type=float)
-    p.add_argument("--lr", type=float, help="peak learning rate of adapter methods")
-    p.add_argument("--fft-lr", type=float, help="peak learning rate of fft")
-    p.add_argument("--steps", type=int, help="updates per task")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-every", type=int, help="updates between success-curve points")
-    p.add_argument("--eval-episodes", type=int, help="episodes per task and evaluation")
-    p.add_argument("--max-episode-steps", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda")
+    fields = p.add_argument_group("single settings (override the preset's)")
+    p.set_defaults(config_fields=[
+        *add_field_flags(fields, FinetuneConfig, CONFIG_FLAGS),
+        *add_field_flags(fields, TrainConfig, TRAIN_FLAGS)])
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: for these small models one thread was "
                         "up to ~90x faster per forward than two on the shared 2-core machine)")
@@ -89,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         config = get_config(args.config).replace(
-            rank=args.rank, alpha=args.alpha, rho=args.rho, tau=args.tau, lr=args.lr,
-            fft_lr=args.fft_lr, steps=args.steps, batch_size=args.batch_size,
-            eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-            max_episode_steps=args.max_episode_steps, device=args.device,
+            **{name: getattr(args, name) for name in args.config_fields},
             progress=False if args.no_progress else None)
         exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
                          methods=args.methods.split(","), seeds=parse_seeds(args.seeds),
