@@ -216,7 +216,7 @@ def test_allocator_masks_match_peft_step_by_step(schedule: AdaLoraSchedule) -> N
         batch = dt_batch(base.config, seed=step)
         (ours.loss(batch) + mine.orthogonal_loss()).backward()
         with torch.no_grad():  # the same sign-SGD update in both (Adam-like step sizes)
-            for key, (p_o, p_p) in params.items():
+            for p_o, p_p in params.values():
                 p_p.grad = p_o.grad.clone()
                 p_o -= lr * p_o.grad.sign()
                 p_p -= lr * p_p.grad.sign()

@@ -121,13 +121,17 @@ class AdaLoraStep:
     budget: int
     """Total rank budget of the schedule at this step."""
     ranks: dict[str, int]
-    """Non-zero singular values per layer path after the update."""
+    """Triplets per layer path kept by the latest allocation (the initial ranks before
+    the first one): the rank schedule to log."""
+    active_ranks: dict[str, int]
+    """Non-zero singular values per layer now. Equal to `ranks` right after an allocation;
+    in between (delta_t > 1) masked values keep training and come back."""
     masked: bool
     """Whether singular values were masked at this step."""
 
     @property
     def rank_total(self) -> int:
-        """Sum of the per-layer ranks (at most the budget after a masking step)."""
+        """Sum of `ranks` (at most the budget after an allocation: ties are masked too)."""
         return sum(self.ranks.values())
 
     def scalars(self, prefix: str = "adalora") -> dict[str, float]:
@@ -167,6 +171,8 @@ class AdaLoraAllocator:
         """Smoothed uncertainty per `<layer>.<factor>`."""
         self.final_mask: dict[str, Tensor] | None = None
         """Kept triplets (bool (r,)) per layer, fixed at `schedule.final_start`."""
+        self.allocated = {path: layer.ranks[name] for path, layer in self.layers.items()}
+        """Triplets per layer kept by the latest allocation (the initial ranks before it)."""
         self.last_step: int | None = None
 
     # ------------------------------------------------------------------ per update
@@ -196,7 +202,10 @@ class AdaLoraAllocator:
             for path, layer in self.layers.items():
                 _apply_mask(layer.lora_E[self.name], self.final_mask[path])
         self.last_step = step
-        return AdaLoraStep(step, budget, self.ranks(), masked)
+        active = self.ranks()
+        if masked:
+            self.allocated = active
+        return AdaLoraStep(step, budget, dict(self.allocated), active, masked)
 
     def ranks(self) -> dict[str, int]:
         """Non-zero singular values of each layer now."""
@@ -262,7 +271,8 @@ class AdaLoraAllocator:
         """`{"meta": JSON-able dict, "tensors": {str: CPU tensor}}` (tensors: safetensors-able).
 
         meta: format, version, adapter, schedule, init_budget, target_budget, layers
-        ({path: rank}), last_step, has_final_mask. tensors: `<layer>.<factor>.ema_ipt` and
+        ({path: initial rank}), last_step, allocated ({path: rank kept by the latest
+        allocation}), has_final_mask. tensors: `<layer>.<factor>.ema_ipt` and
         `.ema_unc` for factor in lora_A, lora_E, lora_B (absent before the first update and
         after the final mask), and `<layer>.final_mask` (bool (r,)) once fixed.
         """
@@ -281,6 +291,7 @@ class AdaLoraAllocator:
             "target_budget": self.target_budget,
             "layers": {path: layer.ranks[self.name] for path, layer in self.layers.items()},
             "last_step": self.last_step,
+            "allocated": dict(self.allocated),
             "has_final_mask": self.final_mask is not None,
         }
         return {"meta": meta, "tensors": tensors}
@@ -316,6 +327,7 @@ class AdaLoraAllocator:
             raise ValueError("AdaLoRA allocator state: final mask missing or incomplete")
         self.ema_ipt, self.ema_unc = ema_ipt, ema_unc
         self.final_mask = final or None
+        self.allocated = {path: int(r) for path, r in meta["allocated"].items()}
         self.last_step = meta["last_step"]
 
 
