@@ -166,7 +166,7 @@ class AdaLoraAllocator:
                 f"adapter {name!r}"
             )
         self.ema_ipt: dict[str, Tensor] = {}
-        """Smoothed sensitivity per `<layer>.<factor>` (zeros until the first update)."""
+        """Smoothed sensitivity per `<layer>.<factor>` (empty before the first update)."""
         self.ema_unc: dict[str, Tensor] = {}
         """Smoothed uncertainty per `<layer>.<factor>`."""
         self.final_mask: dict[str, Tensor] | None = None
