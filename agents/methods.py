@@ -22,7 +22,8 @@ class Method:
     name: str
     """Name on the command line and in reports."""
     adapter: str | None
-    """Adapter kind for `add_adapter` (`lora`, `dora`, `pissa`, `olora`); None = full FT."""
+    """Adapter kind for `add_adapter` (`lora`, `dora`, `pissa`, `olora`, `adalora`);
+    None = full FT."""
     eva: bool = False
     """Initialise ``A`` with EVA on the task's data (rank allocation per ``rho``)."""
     reverse: bool = False
@@ -51,6 +52,8 @@ METHODS: dict[str, Method] = {
         Method("dora", "dora", description="DoRA: magnitude vector x normalised LoRA direction"),
         Method("pissa", "pissa", description="PiSSA: A, B from the top SVD of W; residual base"),
         Method("olora", "olora", description="OLoRA: A, B from a QR decomposition of W"),
+        Method("adalora", "adalora", description="AdaLoRA: SVD-form P diag(E) Q whose "
+               "singular values are masked to a shrinking rank budget by importance"),
         Method("eva", "lora", eva=True, description="EVA: A = top right-singular vectors of "
                "the task's activations, B = 0"),
         Method("eva_dora", "dora", eva=True, description="EVA-initialised DoRA"),

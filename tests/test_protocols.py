@@ -111,8 +111,8 @@ def test_finetune_script_bad_input(setup, tmp_path, capsys):
 def test_method_registry():
     from agents.methods import METHODS, get_method, parse_methods
 
-    assert list(METHODS) == ["fft", "lora", "dora", "pissa", "olora", "eva", "eva_dora",
-                             "eva_reverse"]
+    assert list(METHODS) == ["fft", "lora", "dora", "pissa", "olora", "adalora", "eva",
+                             "eva_dora", "eva_reverse"]
     assert [m.name for m in parse_methods("lora, EVA,lora")] == ["lora", "eva"]
     assert get_method("eva_dora").adapter == "dora" and get_method("eva_dora").eva
     assert get_method("fft").is_full

@@ -1,4 +1,4 @@
-"""Shared adapter module: LoRA, DoRA, PiSSA, OLoRA and a pool of per-task adapters on one
+"""Shared adapter module: LoRA, DoRA, PiSSA, OLoRA, AdaLoRA and a pool of per-task adapters on one
 frozen base, for any torch model built of `nn.Linear` layers; plus full fine-tuning (fft).
 
     from eva_rl.adapters import AdapterConfig, add_adapter, set_active_adapter
@@ -7,6 +7,12 @@ frozen base, for any torch model built of `nn.Linear` layers; plus full fine-tun
     save_adapter(model, "hammer-v3", run_dir / "adapters" / "hammer-v3")
 """
 
+from eva_rl.adapters.adalora import (
+    AdaLoraAllocator,
+    AdaLoraSchedule,
+    AdaLoraStep,
+    orthogonal_regularization,
+)
 from eva_rl.adapters.config import DEFAULT_TARGETS, METHODS, AdapterConfig
 from eva_rl.adapters.layer import AdapterLinear
 from eva_rl.adapters.model import (
@@ -28,6 +34,9 @@ __all__ = [
     "DEFAULT_TARGETS",
     "METHODS",
     "VARIANTS",
+    "AdaLoraAllocator",
+    "AdaLoraSchedule",
+    "AdaLoraStep",
     "AdapterConfig",
     "AdapterLinear",
     "active_adapter",
@@ -39,6 +48,7 @@ __all__ = [
     "dora_weight_norm",
     "load_adapter",
     "merge_adapter",
+    "orthogonal_regularization",
     "prepare_full_finetuning",
     "save_adapter",
     "set_active_adapter",

@@ -10,7 +10,7 @@ from typing import Any
 
 from eva_rl.schema import check_known_fields
 
-METHODS = ("lora", "dora", "pissa", "olora")
+METHODS = ("lora", "dora", "pissa", "olora", "adalora")
 """Adapter kinds `add_adapter` accepts (full fine-tuning is `prepare_full_finetuning`)."""
 
 DEFAULT_TARGETS = ("blocks.*",)
@@ -32,7 +32,8 @@ class AdapterConfig:
     """Settings of one adapter (one task): method, rank, scale and the layers it adapts."""
 
     method: str = "lora"
-    """"lora" | "dora" | "pissa" | "olora"."""
+    """"lora" | "dora" | "pissa" | "olora" | "adalora" (its rank is AdaLoRA's initial rank;
+    the rank budget schedule lives in `eva_rl.adapters.adalora.AdaLoraSchedule`)."""
     rank: int = 8
     """Default rank per layer (0 = the adapter leaves that layer alone)."""
     alpha: float = 8.0
@@ -62,6 +63,8 @@ class AdapterConfig:
         for key, a in {"alpha": self.alpha, **self.alpha_pattern}.items():
             if not math.isfinite(a):
                 raise ValueError(f"{key} must be a finite number, got {a!r}")
+        if self.use_rslora and self.method == "adalora":
+            raise ValueError("use_rslora is not defined for adalora (its scaling is alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -10,9 +10,11 @@ from torch import Tensor, nn
 from eva_rl.adapters.config import AdapterConfig
 from eva_rl.adapters.variants import VARIANTS, LoraVariant
 
-TENSOR_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_offset_A", "lora_offset_B")
-"""Per-adapter tensors of a layer, as saved; the first three are trainable."""
-TRAINABLE_KEYS = TENSOR_KEYS[:3]
+TENSOR_KEYS = (
+    "lora_A", "lora_B", "lora_magnitude_vector", "lora_E", "lora_offset_A", "lora_offset_B"
+)
+"""Per-adapter tensors of a layer, as saved; the first four are trainable."""
+TRAINABLE_KEYS = TENSOR_KEYS[:4]
 
 
 class BufferDict(nn.Module):
@@ -47,7 +49,8 @@ class AdapterLinear(nn.Module):
     """Wraps `base_layer` (kept frozen) and adds named low-rank adapters to it.
 
     PEFT-style per-adapter dicts: `lora_A[name]` (r, in), `lora_B[name]` (out, r),
-    `lora_magnitude_vector[name]` (out,) for DoRA, frozen `lora_offset_A/B[name]` for
+    `lora_magnitude_vector[name]` (out,) for DoRA, `lora_E[name]` (r, 1) the singular
+    values of AdaLoRA (whose A, B are its Q, P), frozen `lora_offset_A/B[name]` for
     PiSSA/OLoRA, `lora_dropout[name]`, `scaling[name]`, `ranks[name]`, `alphas[name]`,
     `methods[name]`. A rank-0 adapter is registered (in `ranks`) but holds no tensors: it is
     the identity on this layer. Forward uses `active_adapter` (None = the bare base layer).
@@ -63,6 +66,7 @@ class AdapterLinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
         self.lora_offset_A = BufferDict()
         self.lora_offset_B = BufferDict()
         self.lora_dropout = nn.ModuleDict()

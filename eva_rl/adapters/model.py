@@ -149,8 +149,8 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module, name: str | None = None) -> int:
-    """Trainable parameters of adapter `name` (A, B, DoRA magnitude), or with `None`
-    every parameter of `model` that requires grad now."""
+    """Trainable parameters of adapter `name` (A, B, DoRA magnitude, AdaLoRA E), or with
+    `None` every parameter of `model` that requires grad now."""
     if name is None:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
     _check_exists(model, name)

@@ -173,6 +173,8 @@ def _check_tensors(
         expected = {"lora_A": (r, n_in), "lora_B": (n_out, r)}
         if method == "dora":
             expected["lora_magnitude_vector"] = (n_out,)
+        if method == "adalora":
+            expected["lora_E"] = (r, 1)
         if method in ("pissa", "olora"):
             expected.update(lora_offset_A=(r, n_in), lora_offset_B=(n_out, r))
     got = {k: tuple(t.shape) for k, t in found.items()}

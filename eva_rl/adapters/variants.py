@@ -7,6 +7,9 @@ A variant holds no state; the tensors live in the `AdapterLinear`'s per-adapter 
 - PiSSA / OLoRA: LoRA whose A, B come from the SVD / QR of W, plus a frozen offset
   -s·B0 A0 kept in the adapter (`lora_offset_A/B`), so W_eff = W at init while the shared
   base weight W stays untouched for every other task.
+- AdaLoRA: W_eff = W + s·P diag(Λ) Q in SVD form: `lora_B` = P (out, r), `lora_E` = Λ (r, 1),
+  `lora_A` = Q (r, in), s = alpha / r with r the initial rank (Λ = 0, P, Q ~ N(0, 0.02²)).
+  The rank budget (masking entries of Λ) is `eva_rl.adapters.adalora.AdaLoraAllocator`.
 """
 
 from __future__ import annotations
@@ -157,8 +160,44 @@ class OloraVariant(_WeightDrivenVariant):
         return _with_offset(r[:rank], q[:, :rank], layer.weight.dtype)
 
 
+class AdaLoraVariant(LoraVariant):
+    """AdaLoRA (Zhang et al. 2023): `y = base(x) + s · P (Λ ⊙ Q dropout(x))`.
+
+    Same parametrisation and initialisation as PEFT's `SVDLinear`, whose scale is
+    `alpha / (r + 1e-5)`; ours is `alpha / r` (1e-6 relative apart at r = 8). A masked
+    singular value is an exact zero in Λ, so saving, merging and counting need nothing extra.
+    """
+
+    name = "adalora"
+    accepts_given_A = False
+
+    def init(
+        self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
+    ) -> dict[str, Tensor]:
+        """`lora_A` = Q (r, in), `lora_B` = P (out, r) ~ N(0, 0.02²); `lora_E` = Λ (r, 1) = 0."""
+        w = layer.weight
+        kw = {"device": w.device, "dtype": w.dtype}
+        q = torch.empty(rank, layer.in_features, **kw).normal_(0.0, 0.02)
+        p = torch.empty(layer.out_features, rank, **kw).normal_(0.0, 0.02)
+        return {"lora_A": q, "lora_B": p, "lora_E": torch.zeros(rank, 1, **kw)}
+
+    def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
+        """`base(x) + s · (x (Λ ⊙ Q)^T) P^T`, the rank-r product fused as LoRA's."""
+        x2 = x.reshape(-1, layer.in_features)  # (N, in)
+        q_scaled = layer.lora_A[name] * layer.lora_E[name]  # (r, in): Λ folded into Q's rows
+        y = low_rank_addmm(layer.base_layer(x2), layer.lora_dropout[name](x2), q_scaled,
+                           layer.lora_B[name], layer.scaling[name])
+        return y.view(*x.shape[:-1], layer.out_features)
+
+    def delta_weight(self, layer: AdapterLinear, name: str, weight: Tensor) -> Tensor:
+        """`s · P diag(Λ) Q`."""
+        q_scaled = layer.lora_A[name] * layer.lora_E[name]
+        return layer.scaling[name] * (layer.lora_B[name] @ q_scaled)
+
+
 VARIANTS: dict[str, LoraVariant] = {
-    v.name: v for v in (LoraVariant(), DoraVariant(), PissaVariant(), OloraVariant())
+    v.name: v
+    for v in (LoraVariant(), DoraVariant(), PissaVariant(), OloraVariant(), AdaLoraVariant())
 }
 
 

@@ -8,7 +8,14 @@ model. All variants are timed interleaved, in a rotating order, each repeat; the
 gives the median ms per step, the ratio to the frozen base, ours / PEFT, and DoRA's
 overhead over LoRA for both implementations.
 
+With `--adalora`, a whole update is timed instead (forward, backward, AdamW step, as the
+Trainer does it): LoRA at `--rank`, AdaLoRA at the same rank without its allocator, and
+AdaLoRA from 1.5x `--rank` down to `--rank` with the orthogonality regulariser in the loss
+and `AdaLoraAllocator.update` after every optimizer step (masking at every step: delta_t 1,
+the allocator's most expensive setting); printed as ms/update and the ratio to LoRA.
+
     .venv/bin/python scripts/bench/bench_adapters.py --presets small paper --repeats 5
+    .venv/bin/python scripts/bench/bench_adapters.py --presets small --adalora --repeats 7
 """
 
 from __future__ import annotations
@@ -17,12 +24,21 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from eva_rl.adapters import AdapterConfig, add_adapter, count_parameters
+from eva_rl.adapters import (
+    AdaLoraAllocator,
+    AdaLoraSchedule,
+    AdapterConfig,
+    add_adapter,
+    count_parameters,
+)
 from eva_rl.models.dt import DecisionTransformer, DTConfig
+from eva_rl.training.trainer import TrainConfig, build_optimizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
 METHODS = ("lora", "dora", "pissa")
@@ -83,19 +99,21 @@ def step(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
 
 
 def time_variants(
-    variants: dict[str, nn.Module], batch: dict[str, torch.Tensor], repeats: int, iters: int
+    variants: dict[str, Any], batch: dict[str, torch.Tensor], repeats: int, iters: int,
+    run: Callable[[Any, dict[str, torch.Tensor]], None] = step,
 ) -> dict[str, list[float]]:
-    """Per-repeat mean ms per step of every variant, interleaved in a rotating order."""
+    """Per-repeat mean ms per `run(variant, batch)` of every variant, interleaved in a
+    rotating order."""
     names = list(variants)
     for name in names:  # warm-up
-        step(variants[name], batch)
+        run(variants[name], batch)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             t0 = time.perf_counter()
             for _ in range(iters):
-                step(variants[name], batch)
+                run(variants[name], batch)
             times[name].append((time.perf_counter() - t0) / iters * 1e3)
     return times
 
@@ -127,6 +145,67 @@ def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[fl
                   f" ({extra:+.1f} ms/step)")
 
 
+class Updater:
+    """One full training update of `model` (AdamW); with `allocator`, AdaLoRA's too."""
+
+    def __init__(self, model: nn.Module, allocator: AdaLoraAllocator | None = None) -> None:
+        self.model = model.train()
+        self.allocator = allocator
+        self.optimizer = build_optimizer(model, TrainConfig())
+        self.step = 0
+        self.allocator_s = 0.0
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model.loss(batch)
+        if self.allocator is not None:
+            loss = loss + self.allocator.orthogonal_loss()
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        if self.allocator is not None:
+            t0 = time.perf_counter()
+            self.allocator.update(self.step)
+            self.allocator_s += time.perf_counter() - t0
+
+
+def adalora_updaters(base: DecisionTransformer, rank: int, alpha: float) -> dict[str, Updater]:
+    """LoRA r, AdaLoRA r (no allocator), AdaLoRA 1.5r -> r with its allocator."""
+    init_rank = max(rank + 1, round(1.5 * rank))
+    updaters = {}
+    lora = copy.deepcopy(base)
+    add_adapter(lora, "t", AdapterConfig(method="lora", rank=rank, alpha=alpha))
+    updaters[f"lora r{rank}"] = Updater(lora)
+    plain = copy.deepcopy(base)
+    add_adapter(plain, "t", AdapterConfig(method="adalora", rank=rank, alpha=alpha))
+    updaters[f"adalora r{rank}, no allocator"] = Updater(plain)
+    full = copy.deepcopy(base)
+    add_adapter(full, "t", AdapterConfig(method="adalora", rank=init_rank, alpha=alpha))
+    schedule = AdaLoraSchedule(total_steps=10**9, target_rank=rank)  # always budget phase
+    updaters[f"adalora r{init_rank}->{rank}"] = Updater(full, AdaLoraAllocator(full, "t", schedule))
+    return updaters
+
+
+def bench_adalora(preset: str, base: DecisionTransformer, batch: dict[str, torch.Tensor],
+                  args: argparse.Namespace) -> None:
+    """Time whole updates of LoRA and AdaLoRA side by side; print ms/update and ratios."""
+    updaters = adalora_updaters(base, args.rank, args.alpha)
+    batch = {k: v.detach() for k, v in batch.items()}
+    times = time_variants(updaters, batch, args.repeats, args.iters, run=lambda u, b: u(b))
+    names = list(updaters)
+    print(f"\n## preset {preset}: one update = forward + backward + AdamW step "
+          "(+ orthogonality loss and allocator update for AdaLoRA)")
+    print(f"{'variant':<28} {'params':>8} {'ms/update':>9} {'min-max ms':>15} {'/lora':>6} "
+          f"{'allocator ms':>12}")
+    for name in names:
+        u = updaters[name]
+        med = statistics.median(times[name])
+        alloc = f"{u.allocator_s / u.step * 1e3:12.2f}" if u.allocator is not None else ""
+        print(f"{name:<28} {count_parameters(u.model, 't'):>8,} {med:9.1f} "
+              f"{min(times[name]):7.1f}-{max(times[name]):<7.1f} "
+              f"{paired(times, name, names[0]):6.2f} {alloc}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
@@ -139,19 +218,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default; 1 is steadiest on a shared box)")
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--adalora", action="store_true",
+                        help="time whole updates of LoRA vs AdaLoRA (see the module doc)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    what = "whole updates" if args.adalora else "fwd+bwd, no optimiser step"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"medians of {args.repeats} interleaved repeats x {args.iters} steps; "
-          "fwd+bwd, no optimiser step")
+          f"medians of {args.repeats} interleaved repeats x {args.iters} steps; {what}")
     for preset in args.presets:
         torch.manual_seed(args.seed)
         cfg = DTConfig.preset(preset, dropout=0.0)
         base = DecisionTransformer(cfg)
         batch_size = args.batch or DEFAULT_BATCH.get(preset, 8)
         batch = make_batch(cfg, batch_size, args.seed)
+        if args.adalora:
+            print(f"\npreset {preset}: {cfg.n_layer} layers x {cfg.n_embd}, batch {batch_size} "
+                  f"x {cfg.context_len} steps, rank {args.rank}")
+            bench_adalora(preset, base, batch, args)
+            continue
         variants = build_variants(base, args.rank, args.alpha, not args.no_peft)
         print(f"\npreset {preset}: {cfg.n_layer} layers x {cfg.n_embd}, "
               f"{base.num_parameters():,} params, batch {batch_size} x {cfg.context_len} steps "
