@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.methods import Method
 from eva_rl.adapters import (
+    AdaLoraAllocator,
+    AdaLoraSchedule,
+    AdaLoraStep,
     adapter_names,
     add_adapter,
     count_parameters,
@@ -100,6 +104,15 @@ class FinetuneConfig:
     """Cap on EVA forward passes."""
     eva_token_types: tuple[str, ...] | None = None
     """Token types whose activations enter EVA (None = every real token)."""
+    adalora_init_rank: int | None = None
+    """AdaLoRA's initial rank per layer, pruned to ``rank`` on average (None = 1.5 x rank,
+    the ratio of PEFT's example: 12 -> 8)."""
+    adalora_tinit: float = 0.1
+    """AdaLoRA: share of the updates at the full initial budget before any pruning."""
+    adalora_tfinal: float = 0.2
+    """AdaLoRA: share of the updates at the end with the allocation frozen."""
+    adalora_delta_t: int = 10
+    """AdaLoRA: updates between two re-allocations during the budget phase."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, Mapping):
@@ -110,10 +123,31 @@ class FinetuneConfig:
                      "eva_max_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 <= self.adalora_tinit and 0 <= self.adalora_tfinal
+                and self.adalora_tinit + self.adalora_tfinal < 1):
+            raise ValueError("adalora_tinit and adalora_tfinal must be >= 0 with a sum below 1, "
+                             f"got {self.adalora_tinit} and {self.adalora_tfinal}")
+        if self.adalora_init_rank is not None and self.adalora_init_rank < self.rank:
+            raise ValueError(f"adalora_init_rank ({self.adalora_init_rank}) must be >= rank "
+                             f"({self.rank}), the target it is pruned to")
         if int(self.eval_every) < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.fft_lr > 0:
             raise ValueError(f"fft_lr must be > 0, got {self.fft_lr}")
+
+    def adapter_rank(self, method: Method) -> int:
+        """The rank a new adapter of ``method`` starts with (AdaLoRA: its initial rank)."""
+        if method.adapter == "adalora":
+            return self.adalora_init_rank or math.ceil(1.5 * self.rank)
+        return self.rank
+
+    def adalora_schedule(self) -> AdaLoraSchedule:
+        """AdaLoRA's budget schedule over one task's updates, pruning to ``rank``."""
+        steps = self.train.steps
+        return AdaLoraSchedule(total_steps=steps, target_rank=self.rank,
+                               tinit=int(self.adalora_tinit * steps),
+                               tfinal=int(self.adalora_tfinal * steps),
+                               delta_t=self.adalora_delta_t)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
@@ -227,6 +261,32 @@ class SuccessCurve(Callback):
         self.eval_seconds = float(state["eval_seconds"])
 
 
+class AdaLoraBudget(Callback):
+    """AdaLoRA's rank allocation in the training loop: scores and masks after every
+    optimizer step, ``adalora/*`` scalars every ``log_every`` updates; its scores are
+    saved in checkpoints."""
+
+    name = "adalora"
+
+    def __init__(self, allocator: AdaLoraAllocator, log_every: int) -> None:
+        self.allocator = allocator
+        self.log_every = log_every
+        self.last: AdaLoraStep | None = None
+
+    def on_optimizer_step(self, trainer: Trainer) -> None:
+        self.last = self.allocator.update(trainer.step + 1)  # the update being finished
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.last is not None and trainer.step % self.log_every == 0:
+            trainer.log_scalars(self.last.scalars())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.allocator.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.allocator.load_state_dict(state)
+
+
 def eva_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneConfig,
                 seed: int, device: torch.device):
     """EVA's input: sampler batches of the task's own data as tensors on ``device``."""
@@ -273,7 +333,8 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
     if task in adapter_names(model):
         set_active_adapter(model, task)
         return count_parameters(model, task), 0.0, None, None
-    adapter_config = method.adapter_config(config.rank, config.alpha, dropout=config.dropout)
+    adapter_config = method.adapter_config(config.adapter_rank(method), config.alpha,
+                                           dropout=config.dropout)
     torch.manual_seed(seed)  # LoRA's random A
     if not method.eva:
         add_adapter(model, task, adapter_config)
@@ -346,11 +407,19 @@ def finetune_task(
                             state_std=agent.state_std, seed=s)
     curve_cb = SuccessCurve(evaluate_task, task, config.eval_every, config.eval_at_start)
     callbacks: list[Callback] = [curve_cb]
+    loss_fn = None
+    allocator = None
+    if method.adapter == "adalora":
+        allocator = AdaLoraAllocator(agent.model, task, config.adalora_schedule())
+        callbacks.append(AdaLoraBudget(allocator, config.train.log_every))
+
+        def loss_fn(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return model.loss(batch) + allocator.orthogonal_loss()
     if hook is not None:
         callbacks.append(StepHook(functools.partial(hook, task)))
     trainer = Trainer(agent.model, sampler, train_config(method, config, s), task_dir / "train",
-                      hparams={"method": method.name, "task": task, "finetune": config.to_dict()},
-                      callbacks=callbacks)
+                      loss_fn=loss_fn, callbacks=callbacks,
+                      hparams={"method": method.name, "task": task, "finetune": config.to_dict()})
     t_train = time.perf_counter()
     history = trainer.train(resume=bool(list_checkpoints(task_dir / "train")))
     train_wall = time.perf_counter() - t_train - curve_cb.session_eval_seconds
@@ -379,6 +448,7 @@ def finetune_task(
                           "success": curve[:, 1].tolist(), "return": curve[:, 2].tolist()},
         "auc": success_auc(curve[:, 1], curve[:, 0]) if len(curve) > 1 else float(curve[0, 1]),
         "eva_ranks": ranks,
+        "adalora_ranks": None if allocator is None else allocator.ranks(),
         "eva": None if eva_result is None else {
             "batches_used": eva_result.batches_used, "stop_reason": eva_result.stop_reason,
             "seconds": eva_result.seconds},

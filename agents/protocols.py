@@ -16,9 +16,14 @@ Run directory::
                                           .../adapter/ or model.safetensors (sequential fft)
     OUT/results.json, results.csv, report.md, plots/, tb/
 
-Resuming runs every (method, seed) again: finished tasks are read back (their adapters /
-weights reloaded), a task in progress continues from its latest Trainer checkpoint, and the
-result equals an uninterrupted run's on the CPU.
+An experiment is a list of independent *cells* (`Cell`): ``(method, seed, task)`` under
+``single``, ``(method, seed)`` (the whole chain) under ``sequential``. `run_cell` runs one
+and writes only its directory; an executor (`agents.executors`: here, or on Ray) decides
+where cells run, and the driver (`run_experiment`) writes ``results.json`` and the report
+from what the cells wrote. Running a cell again (a resume, or Ray's retry after its worker
+died) reads back its finished tasks (adapters / weights reloaded) and continues a task in
+progress from its latest Trainer checkpoint; the result equals an uninterrupted run's on
+the CPU, whichever executor ran it.
 """
 
 from __future__ import annotations
