@@ -88,6 +88,7 @@ def export_peft(
     directory: str | os.PathLike,
     *,
     eva: Mapping[str, Any] | Any | None = None,
+    base_model: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write adapter `adapter_name` of `model` as a PEFT LoRA directory; returns it.
@@ -96,7 +97,8 @@ def export_peft(
     base model (plain `nn.Linear`s at the same module paths). `eva` (an `EvaConfig` or its
     `to_dict()`) marks an EVA-initialised LoRA/DoRA adapter: `init_lora_weights="eva"` plus
     PEFT's `eva_config` fields, and all our EVA settings in `eva_rl_export.json`. Rank-0
-    layers (EVA's) are not targeted. An existing non-empty `directory` needs `overwrite`.
+    layers (EVA's) are not targeted. `base_model` goes into PEFT's `base_model_name_or_path`
+    (e.g. the pretraining run). An existing non-empty `directory` needs `overwrite`.
     """
     _check_exists(model, adapter_name)
     directory = Path(directory)
@@ -132,6 +134,7 @@ def export_peft(
         raise ValueError(f"EVA initialises lora/dora adapters; {adapter_name!r} is {method!r}")
 
     peft_config = _peft_config(config, method, ranks, alphas, eva_dict)
+    peft_config["base_model_name_or_path"] = base_model
     provenance = {
         "format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION, "adapter": adapter_name,
         "kind": "eva" if eva_dict is not None else method, "method": method,
