@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from agents.experts import SACCollector, ScriptedCollector
 from envs import resolve_task, resolve_tasks
 from eva_rl.data import (
@@ -36,6 +34,7 @@ from eva_rl.data import (
     remove_temp_dirs,
     write_dataset,
 )
+from eva_rl.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +196,8 @@ def collect_datasets(
     if summaries:
         logger.info("skipping %d finished task(s): %s", len(summaries), ", ".join(summaries))
 
-    bar = tqdm(total=len(pending) * n_episodes, unit="ep", desc="collect", disable=not progress)
+    bar = progress_bar(total=len(pending) * n_episodes, unit="ep", desc="collect",
+                       disable=not progress)
     try:
         if workers == 1 or len(pending) <= 1:
             for task in pending:

@@ -17,11 +17,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from tqdm.auto import tqdm
 
 from agents.dt_agent import DTAgent
 from envs import final_step_infos, make_vec_env, resolve_tasks
 from eva_rl.adapters import active_adapter, adapter_layers
+from eva_rl.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def run_episodes(
     running = np.ones(n, dtype=bool)
     actions = np.zeros((n, agent.config.act_dim), dtype=np.float32)
     obs, _ = venv.reset()
-    bar = tqdm(total=max_steps, desc=f"evaluate {n} episodes", unit="step",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=max_steps, desc=f"evaluate {n} episodes", unit="step",
+                       disable=not progress, leave=False)
     try:
         while running.any():
             ctx.push_observations(obs)

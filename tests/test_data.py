@@ -414,8 +414,10 @@ def test_import_npz_terminal_dones_and_wrong_length(tmp_path, monkeypatch):
     dones = np.zeros(30)
     dones[13] = 1
     np.savez(tmp_path / "b.npz", **{**data, "dones": dones})
-    ds = import_npz(tmp_path / "b.npz", tmp_path / "b", "b", episode_length=10)
+    ds = import_npz(tmp_path / "b.npz", tmp_path / "b", "b", episode_length=10,
+                    incomplete_tail="keep")
     np.testing.assert_array_equal(ds.episode_offsets, [0, 10, 14, 24, 30])
+    assert ds.manifest["dropped_tail_steps"] == 0
     # a wrong episode_length shows up as next_observations mismatches
     ds = import_npz(tmp_path / "a.npz", tmp_path / "c", "c", episode_length=15)
     assert ds.manifest["next_obs_mismatches"] == 2
@@ -470,6 +472,93 @@ def test_import_npz_errors(tmp_path):
     (tmp_path / "z.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="z.npz.*cannot read"):
         import_npz(tmp_path / "z.npz", tmp_path / "x", "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_import_npz_trailing_piece_without_done(tmp_path, caplog):
+    """The flat L2M layout: a last piece without done, shorter than an episode."""
+    rng = np.random.default_rng(3)
+    n = 27  # episodes of 10 steps: ends at 6 (done), 16 (length), 26 (length); 1 step left
+    dones = np.zeros(n)
+    dones[5] = 1
+    arrays = {"observations": rng.normal(size=(n, 4)), "actions": rng.uniform(-1, 1, (n, 2)),
+              "rewards": rng.uniform(0, 1, n), "dones": dones}
+    np.savez(tmp_path / "buf.npz", **arrays)
+    with caplog.at_level("INFO", logger="eva_rl.data.importers"):
+        ds = import_npz(tmp_path / "buf.npz", tmp_path / "drop", "t", 10)  # L2M's default
+    np.testing.assert_array_equal(ds.episode_offsets, [0, 6, 16, 26])
+    np.testing.assert_array_equal(ds.observations, arrays["observations"][:26].astype(np.float32))
+    assert ds.manifest["dropped_tail_steps"] == 1 and ds.manifest["incomplete_tail"] == "drop"
+    assert ds.manifest["source_layout"] == "buffer"
+    assert "dropped the trailing 1 steps" in caplog.text
+    kept = import_npz(tmp_path / "buf.npz", tmp_path / "keep", "t", 10, incomplete_tail="keep")
+    np.testing.assert_array_equal(kept.episode_offsets, [0, 6, 16, 26, 27])
+    with pytest.raises(DatasetError, match="last 1 steps end without done"):
+        import_npz(tmp_path / "buf.npz", tmp_path / "e", "t", 10, incomplete_tail="error")
+    # a done on the last step, or a full-length last piece, is a finished episode
+    np.savez(tmp_path / "done.npz", **{**arrays, "dones": np.r_[dones[:-1], 1.0]})
+    ds = import_npz(tmp_path / "done.npz", tmp_path / "d", "t", 10)
+    assert ds.manifest["dropped_tail_steps"] == 0 and ds.n_transitions == 27
+    np.savez(tmp_path / "one.npz", **{k: v[:4] for k, v in arrays.items()}, )
+    with pytest.raises(DatasetError, match="only episode \\(4 steps\\)"):
+        import_npz(tmp_path / "one.npz", tmp_path / "o", "t", 10)
+    with pytest.raises(ValueError, match="incomplete_tail must be one of"):
+        import_npz(tmp_path / "buf.npz", tmp_path / "x", "t", 10, incomplete_tail="trim")
+
+
+def _write_episode_dir(directory, lengths, obs_dim=4, act_dim=2, seed=0):
+    """L2M's per-episode layout: one file per episode, scalar dones, float32 arrays."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir()
+    episodes = []
+    for i, t in enumerate(lengths):
+        ep = {"states": rng.normal(size=(t, obs_dim)).astype(np.float32),
+              "actions": rng.uniform(-1, 1, (t, act_dim)).astype(np.float32),
+              "rewards": rng.uniform(0, 10, t).astype(np.float32),
+              "dones": np.array(i % 2 == 0)}
+        ep["returns_to_go"] = np.cumsum(ep["rewards"][::-1])[::-1].astype(np.float32)
+        np.savez(directory / f"{i}.npz", **ep)
+        episodes.append(ep)
+    return episodes
+
+
+def test_import_npz_per_episode_directory(tmp_path):
+    lengths = [5, 3, 7, 4, 6, 2, 5, 5, 3, 8, 4]  # 11 files: "10.npz" sorts after "9.npz"
+    episodes = _write_episode_dir(tmp_path / "eps", lengths)
+    (tmp_path / "eps" / "notes.txt").write_text("not an episode")
+    ds = import_npz(tmp_path / "eps", tmp_path / "out", "t", success_reward=9.5)
+    np.testing.assert_array_equal(ds.episode_offsets, np.r_[0, np.cumsum(lengths)])
+    np.testing.assert_array_equal(ds.observations, np.concatenate([e["states"] for e in episodes]))
+    np.testing.assert_array_equal(ds.actions, np.concatenate([e["actions"] for e in episodes]))
+    np.testing.assert_array_equal(ds.rewards, np.concatenate([e["rewards"] for e in episodes]))
+    np.testing.assert_array_equal(ds.successes, ds.rewards >= 9.5)
+    m = ds.manifest
+    assert m["source_layout"] == "episodes" and m["n_files"] == 11
+    assert m["terminal_episodes"] == 6
+    assert m["source_keys"] == ["actions", "dones", "rewards", "states"]
+
+
+def test_import_npz_per_episode_directory_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "0.pkl").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="no per-episode .npz files.*0.pkl"):
+        import_npz(tmp_path / "empty", tmp_path / "x", "t")
+    _write_episode_dir(tmp_path / "d", [3, 4])
+    np.savez(tmp_path / "d" / "2.npz", states=np.zeros((3, 4)), actions=np.zeros((3, 2)),
+             rewards=np.zeros(3), dones=np.zeros(3))
+    with pytest.raises(DatasetError, match="2.npz: 'dones' should be a scalar"):
+        import_npz(tmp_path / "d", tmp_path / "x", "t")
+    np.savez(tmp_path / "d" / "2.npz", states=np.zeros((3, 5)), actions=np.zeros((3, 2)),
+             rewards=np.zeros(3), dones=np.array(True))
+    with pytest.raises(DatasetError, match="2.npz: 'states' rows have shape \\(5,\\)"):
+        import_npz(tmp_path / "d", tmp_path / "x", "t")
+    np.savez(tmp_path / "d" / "2.npz", states=np.zeros((3, 4)), actions=np.zeros((2, 2)),
+             rewards=np.zeros(3), dones=np.array(True))
+    with pytest.raises(DatasetError, match="'actions' has 2 rows but 'states' has 3"):
+        import_npz(tmp_path / "d", tmp_path / "x", "t")
+    # one per-episode file given as if it were a flat buffer: the error names both layouts
+    with pytest.raises(DatasetError, match="missing keys \\['observations'\\].*per-episode"):
+        import_npz(tmp_path / "d" / "0.npz", tmp_path / "x", "t")
     assert not (tmp_path / "x").exists()
 
 

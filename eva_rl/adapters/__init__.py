@@ -5,6 +5,7 @@ frozen base, for any torch model built of `nn.Linear` layers; plus full fine-tun
     add_adapter(model, "hammer-v3", AdapterConfig(method="dora", rank=8, alpha=8.0))
     ...train...
     save_adapter(model, "hammer-v3", run_dir / "adapters" / "hammer-v3")
+    export_peft(model, "hammer-v3", "peft/hammer-v3")  # PeftModel.from_pretrained reads it
 """
 
 from eva_rl.adapters.adalora import (
@@ -27,6 +28,7 @@ from eva_rl.adapters.model import (
     set_active_adapter,
     unmerge_adapter,
 )
+from eva_rl.adapters.peft_format import export_peft, import_peft
 from eva_rl.adapters.saving import load_adapter, save_adapter
 from eva_rl.adapters.variants import VARIANTS, dora_weight_norm
 
@@ -46,6 +48,8 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "dora_weight_norm",
+    "export_peft",
+    "import_peft",
     "load_adapter",
     "merge_adapter",
     "orthogonal_regularization",

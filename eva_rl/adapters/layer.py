@@ -122,7 +122,8 @@ class AdapterLinear(nn.Module):
                 store = getattr(self, key)
                 store[name] = nn.Parameter(value) if key in TRAINABLE_KEYS else value
             drop = config.dropout
-            self.lora_dropout[name] = nn.Dropout(drop) if drop > 0 else nn.Identity()
+            dropout = nn.Dropout(drop) if drop > 0 else nn.Identity()
+            self.lora_dropout[name] = dropout.train(self.training)  # eval stays eval
         self.ranks[name] = rank
         self.alphas[name] = float(alpha)
         self.scaling[name] = scaling

@@ -328,9 +328,9 @@ def compute_eva(
     iterator = iter(batches)
     bar = None
     if config.progress and (not distributed or dist.get_rank() == 0):
-        from tqdm.auto import tqdm
+        from eva_rl.progress import progress_bar
 
-        bar = tqdm(total=config.max_batches, desc="EVA", leave=False)
+        bar = progress_bar(total=config.max_batches, desc="EVA", unit="batch", leave=False)
     try:
         with _AdaptersOff(model):
             collector.keep_raw = True

@@ -29,9 +29,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eva_rl.logging import RunLogger
+from eva_rl.progress import progress_bar
 from eva_rl.schema import check_known_fields
 from eva_rl.training import distributed
 from eva_rl.training.callbacks import Callback
@@ -259,8 +259,8 @@ class Trainer:
             log.hparams(self._all_hparams())
         self.log = log
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main),
-                   desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=self.step,
+                           disable=not (cfg.progress and main), desc="train", dynamic_ncols=True)
         window: list[tuple[float, float, float, int]] = []
         try:
             self._call("on_train_start")
