@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
@@ -51,6 +49,7 @@ from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
 from eva_rl.io import read_versioned_json
+from eva_rl.progress import progress_bar
 from eva_rl.training import load_weights, read_run_config, resolve_device, save_weights
 
 if TYPE_CHECKING:
@@ -307,7 +306,7 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False
     prepare_run_dir(out, exp, resume=resume, overwrite=overwrite)
     cells = experiment_cells(exp)
     pending = [c for c in cells if not cell_finished(out, exp, c)]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(pending), unit="cell",
+    bar = progress_bar(total=len(cells), initial=len(cells) - len(pending), unit="cell",
                desc=f"{exp.protocol} cells", disable=not exp.config.train.progress)
     with bar:
         for cell in executor.run(exp, out, pending, hook):

@@ -75,6 +75,7 @@ def pretrain(data: Path, out: Path, steps: int, seed: int, threads: int, quiet: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("eva_rl.progress").setLevel(logging.INFO)  # progress lines off a terminal
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     data, pre, ft = out / "data", out / "pretrain", out / "finetune"

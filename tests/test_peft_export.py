@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
-from test_protocols import TASKS, experiment, setup  # noqa: F401  (setup is a fixture)
+from helpers import TASKS, experiment, load_script
 
 from agents.dt_agent import DTAgent
 from agents.peft_export import export_run_adapters
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def finetuned(setup, tmp_path_factory):  # noqa: F811
+def finetuned(setup, tmp_path_factory):
     """A single-protocol run of eva_dora and pissa on the two tiny tasks."""
     out = tmp_path_factory.mktemp("peft-run") / "run"
     run_experiment(experiment(setup, protocol="single", methods=("eva_dora", "pissa")), out,
