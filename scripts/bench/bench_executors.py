@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", help="pretraining run (default: QUICKSTART/pretrain)")
     p.add_argument("--steps", type=int, default=120, help="fine-tuning updates per cell")
     p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--max-episode-steps", type=int, default=200)
     p.add_argument("--dispatch-tasks", type=int, default=20,
                    help="no-op Ray tasks timed for the dispatch latency")
     p.add_argument("--child", choices=("local", "ray", "overhead"), help=argparse.SUPPRESS)
@@ -55,6 +56,7 @@ def run_child_experiment(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     config = get_config("quick").replace(steps=args.steps, eval_episodes=args.eval_episodes,
+                                         max_episode_steps=args.max_episode_steps,
                                          device="cpu", progress=False)
     exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=TASKS, methods=METHODS,
                      seeds=SEEDS, protocol="single", config=config)
@@ -110,7 +112,8 @@ def child(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, kind: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--data", args.data, "--pretrained",
            args.pretrained, "--steps", str(args.steps), "--eval-episodes",
-           str(args.eval_episodes), "--dispatch-tasks", str(args.dispatch_tasks),
+           str(args.eval_episodes), "--max-episode-steps", str(args.max_episode_steps),
+           "--dispatch-tasks", str(args.dispatch_tasks),
            "--out", str(out / kind)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

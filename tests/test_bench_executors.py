@@ -1,0 +1,18 @@
+"""Smoke run of scripts/bench/bench_executors.py on tiny sizes (so a refactor cannot break it)."""
+
+import pytest
+from helpers import load_script
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+def test_bench_executors_prints_its_figures(setup, capsys):
+    _, data, pre = setup
+    rc = load_script("bench/bench_executors").main(
+        ["--data", str(data), "--pretrained", str(pre), "--steps", "2", "--eval-episodes", "1",
+         "--max-episode-steps", "15", "--dispatch-tasks", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "8-cell experiment" in out and "speed-up with Ray" in out
+    assert "overhead per cell" in out and "driver peak" in out
