@@ -116,6 +116,8 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
         for row, method in enumerate(names):
             est = methods[method]["comparison"][key]
             if est is None:
+                if key == "p_improvement" and method == REFERENCE_METHOD:
+                    ax.text(0.5, row, "reference", ha="center", va="center", fontsize=8)
                 continue
             color = f"C{row % 10}"
             if est["ci"] is None:
@@ -133,11 +135,12 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
     axes[0].invert_yaxis()
-    runs = {m: e["comparison"]["runs"] for m, e in methods.items()}
+    seeds = sorted({e["comparison"]["runs"] for e in methods.values()})
     note = "bars: 95% stratified bootstrap intervals (rliable) over (task, seed) runs"
     if no_interval:
         note += "; hollow marker: one seed, no interval"
-    fig.suptitle(f"{protocol} protocol: seeds per method {runs}\n{note}", fontsize=9)
+    fig.suptitle(f"{protocol} protocol, {'/'.join(map(str, seeds))} seeds per method\n{note}",
+                 fontsize=9)
     return fig
 
 

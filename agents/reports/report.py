@@ -257,12 +257,19 @@ def _write_run_scalars(w, run: dict, all_runs: Sequence[dict]) -> None:
 
 
 def write_report(results: dict, out_dir: str | os.PathLike, tensorboard: bool = True, *,
-                 bootstrap_reps: int = BOOTSTRAP_REPS) -> dict[str, Path]:
+                 summary: dict | None = None, bootstrap_reps: int = BOOTSTRAP_REPS
+                 ) -> dict[str, Path]:
     """Write ``results.json``, ``summary.json``, ``results.csv``, ``report.md``,
-    ``plots/*.png`` and ``tb/``; ``bootstrap_reps`` resamples per rliable interval."""
+    ``plots/*.png`` and ``tb/``.
+
+    ``summary`` is :func:`summarize`'s of ``results`` if the caller has it already (its
+    bootstraps are the slow part), else it is computed with ``bootstrap_reps`` resamples
+    per rliable interval.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results, bootstrap_reps=bootstrap_reps)
+    if summary is None:
+        summary = summarize(results, bootstrap_reps=bootstrap_reps)
     figures = build_figures(results, summary)
     plot_paths = save_figures(figures, out_dir / "plots")
     paths = {
@@ -287,22 +294,23 @@ def format_table(summary: dict) -> str:
     lines = []
     for protocol, methods in summary.items():
         tasks = next(iter(methods.values()))["tasks"]
-        lines.append(f"[{protocol}]  " + "  ".join(f"{short_name(t)[:10]:>10}" for t in tasks)
-                     + "        avg  paper")
+        names = "  ".join(f"{short_name(t)[:10]:>10}" for t in tasks)
+        lines.append(f"{f'[{protocol}]':<12} {names}        avg  paper")
         for method, e in methods.items():
             paper = PAPER_AVG_SUCCESS.get(method) if protocol == "single" else None
             cells = "  ".join(f"{e['per_task'][t]['mean']:>10.2f}" for t in tasks)
-            lines.append(f"{method:<10} {cells}  {_fmt(e['average']):>9}  "
+            lines.append(f"{method:<12} {cells}  {_fmt(e['average']):>9}  "
                          f"{'' if paper is None else f'{paper:.2f}'}")
-        lines.append(f"{'':<10} {'mean [95% CI]':<24} {'IQM [95% CI]':<24} "
+        lines.append(f"{'':<12} {'mean [95% CI]':<24} {'IQM [95% CI]':<24} "
                      f"P(> {REFERENCE_METHOD}) [95% CI]")
         for method, e in methods.items():
             c = e["comparison"]
-            lines.append(f"{method:<10} {_fmt_estimate(c['mean']):<24} "
+            lines.append(f"{method:<12} {_fmt_estimate(c['mean']):<24} "
                          f"{_fmt_estimate(c['iqm']):<24} {_fmt_improvement(method, c)}")
         if protocol == "sequential":
             for method, e in methods.items():
-                lines.append(f"{method:<10} average performance {_fmt_ci(e['average_performance'])}"
+                lines.append(f"{method:<12} average performance "
+                             f"{_fmt_ci(e['average_performance'])}"
                              f"  forgetting {_fmt_ci(e['forgetting'])}"
                              f"  forward transfer {_fmt_ci(e['forward_transfer'])}")
         if any(e["comparison"]["runs"] < 2 for e in methods.values()):

@@ -112,10 +112,11 @@ def summarize(results: dict, *, bootstrap_reps: int = BOOTSTRAP_REPS,
     for protocol, methods in summary.items():
         reference = scores[protocol].get(REFERENCE_METHOD)
         for method, entry in methods.items():
-            same_tasks = (REFERENCE_METHOD in methods
-                          and methods[REFERENCE_METHOD]["tasks"] == entry["tasks"])
+            # P(lora > lora) is 0.5 by construction: not worth its (slow) bootstrap
+            against = (method != REFERENCE_METHOD and REFERENCE_METHOD in methods
+                       and methods[REFERENCE_METHOD]["tasks"] == entry["tasks"])
             entry["comparison"] = compare(scores[protocol][method],
-                                          reference if same_tasks else None,
+                                          reference if against else None,
                                           reps=bootstrap_reps, seed=bootstrap_seed)
     return dict(summary)
 
@@ -215,10 +216,12 @@ def compare(scores: np.ndarray, reference: np.ndarray | None, *, reps: int = BOO
     Returns ``{"runs", "tasks", "confidence", "mean", "iqm", "p_improvement", "reference"}``
     where each estimate is ``{"value", "ci"}``; ``ci`` is ``[low, high]``, or None with
     one seed (see :data:`ONE_SEED_NOTE`). ``p_improvement`` is None without ``reference``
-    (the ``lora`` matrix over the same tasks).
+    (the ``lora`` matrix over the same tasks; :func:`summarize` gives none to ``lora``).
     """
     from rliable import metrics as rl_metrics  # rliable imports pandas and arch (~1.5 s)
 
+    if reps < 1:
+        raise ValueError(f"bootstrap reps must be positive, got {reps}")
     scores = _check_scores(scores, "scores")
     out: dict[str, Any] = {"runs": int(scores.shape[0]), "tasks": int(scores.shape[1]),
                            "confidence": confidence, "reference": REFERENCE_METHOD}
