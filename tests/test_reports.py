@@ -236,3 +236,31 @@ def test_report_script_combines_runs(results, tmp_path, capsys):
     assert script.main([str(tmp_path / "a"), "--out", str(tmp_path / "e"),
                         "--bootstrap-reps", "0"]) == 2
     assert "--bootstrap-reps must be positive" in capsys.readouterr().err
+
+
+def test_comparison_in_summary_by_hand():
+    """rliable's numbers on a tiny results dict: 3 seeds x 2 tasks of lora and eva."""
+    lora = [[0.2, 0.4], [0.6, 0.4], [0.8, 1.0]]
+    eva = [[0.6, 0.8], [1.0, 0.8], [0.4, 1.0]]
+    res = reports.empty_results()
+    res["runs"] = ([single_run("lora", s, row, row) for s, row in enumerate(lora)]
+                   + [single_run("eva", s, row, row) for s, row in enumerate(eva)])
+    s = reports.summarize(res, bootstrap_reps=REPS)["single"]
+    c = s["eva"]["comparison"]
+    # IQM: the 6 runs sorted 0.4 0.6 0.8 0.8 1.0 1.0, one cut at each end (25% of 6,
+    # rounded down as scipy's trim_mean does): (0.6 + 0.8 + 0.8 + 1.0) / 4 = 0.8
+    assert c["iqm"]["value"] == pytest.approx(0.8)
+    assert c["mean"]["value"] == pytest.approx(4.6 / 6)
+    # P(eva > lora): task 0 (0.6, 1.0, 0.4) vs (0.2, 0.6, 0.8): 1.5 + 3 + 1 = 5.5 of 9 pairs;
+    # task 1 (0.8, 0.8, 1.0) vs (0.4, 0.4, 1.0): 2 + 2 + 2.5 = 6.5 of 9; (5.5 + 6.5) / 18
+    assert c["p_improvement"]["value"] == pytest.approx(2 / 3)
+    low, high = c["p_improvement"]["ci"]
+    assert low < 2 / 3 < high
+    assert s["lora"]["comparison"]["p_improvement"] is None  # the reference itself
+    # the 95% intervals of the report are rliable's, reproducible run to run
+    again = reports.summarize(res, bootstrap_reps=REPS)["single"]["eva"]["comparison"]
+    assert again == c
+    assert c["iqm"]["ci"][0] <= 0.8 <= c["iqm"]["ci"][1]
+    md = reports.render_markdown(res, {"single": s})
+    assert "| eva | 3 × 2 | 0.77 [" in md and "n/a" not in md
+    assert "| lora | 3 × 2 |" in md and "(reference)" in md
