@@ -148,10 +148,10 @@ def _comparison_section(protocol: str, methods: dict) -> list[str]:
     out += ["", "Final success per (task, seed) run. Bootstrap: rliable's "
             "`get_interval_estimates`, runs resampled within each task, fixed seed."]
     if REFERENCE_METHOD not in methods:
-        out += [f"No `{REFERENCE_METHOD}` runs under this protocol: no probability of "
+        out += ["", f"No `{REFERENCE_METHOD}` runs under this protocol: no probability of "
                 "improvement."]
     if any(e["comparison"]["runs"] < 2 for e in methods.values()):
-        out += [f"`{ONE_SEED}`: {ONE_SEED_NOTE}."]
+        out += ["", f"`{ONE_SEED}`: {ONE_SEED_NOTE}."]
     return out + [""]
 
 
@@ -168,7 +168,7 @@ def _continual_section(methods: dict, tasks: Sequence[str]) -> list[str]:
             "the sequential and of the reference runs independently, as Continual World "
             "does. summary.json also holds the older variants (`variants`)."]
     if any(e["average_performance"]["n"] < 2 for e in methods.values()):
-        out += [f"`{ONE_SEED}`: one seed leaves the bootstrap over seeds nothing to "
+        out += ["", f"`{ONE_SEED}`: one seed leaves the bootstrap over seeds nothing to "
                 "resample; its interval would have zero width."]
     out += [""]
     for method, e in methods.items():
