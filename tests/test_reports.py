@@ -264,3 +264,10 @@ def test_comparison_in_summary_by_hand():
     md = reports.render_markdown(res, {"single": s})
     assert "| eva | 3 × 2 | 0.77 [" in md and "n/a" not in md
     assert "| lora | 3 × 2 |" in md and "(reference)" in md
+
+
+def test_auc_needs_an_evaluation_after_step_0():
+    rec = {**record("hammer-v3", 0, 0.5, 0.5), "success_curve": {"steps": [0],
+                                                                 "success": [0.2]}}
+    with pytest.raises(ValueError, match="hammer-v3 .*no evaluation after step 0"):
+        reports.task_auc(rec)

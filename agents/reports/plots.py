@@ -117,7 +117,8 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
             est = methods[method]["comparison"][key]
             if est is None:
                 if key == "p_improvement" and method == REFERENCE_METHOD:
-                    ax.text(0.5, row, "reference", ha="center", va="center", fontsize=8)
+                    ax.text(0.5, row, "reference", ha="center", va="center", fontsize=8,
+                            bbox={"facecolor": "white", "edgecolor": "none"})
                 continue
             color = f"C{row % 10}"
             if est["ci"] is None:
@@ -134,7 +135,7 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
         ax.set_xlabel(label, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(names) - 0.5, -0.5)  # first method on top
     seeds = sorted({e["comparison"]["runs"] for e in methods.values()})
     note = "bars: 95% stratified bootstrap intervals (rliable) over (task, seed) runs"
     if no_interval:

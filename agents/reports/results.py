@@ -115,7 +115,10 @@ def task_auc(record: dict) -> float:
     mean of the evaluations during its training), recomputed from its ``success_curve``
     so results written under an older AUC rule report the same number."""
     curve = record["success_curve"]
-    return metrics.success_auc(curve["success"], curve["steps"])
+    try:
+        return metrics.success_auc(curve["success"], curve["steps"])
+    except ValueError as err:
+        raise ValueError(f"task {record['task']} (index {record['index']}): {err}") from err
 
 
 # ---------------------------------------------------------------------------- CSV
