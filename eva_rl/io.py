@@ -1,4 +1,4 @@
-"""Atomic writes and versioned JSON files; standard library only.
+"""Atomic writes, versioned JSON files and JSON-safe values; standard library only.
 
 Every file and directory eva-rl writes goes to a temporary sibling name
 (``.<name>.tmp-<pid>-<hex>``), is fsynced and renamed into place, so an interrupted write
@@ -10,16 +10,43 @@ problem in its error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 TMP_MARKER = ".tmp-"
 OLD_MARKER = ".old-"
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def to_json_safe(value: Any) -> Any:
+    """``value`` as plain JSON types: what :func:`json.dumps` writes as standard JSON.
+
+    Dataclasses become dicts (their ``to_dict()`` if they have one), mappings dicts with
+    ``str`` keys, tuples lists, numpy/torch arrays and scalars (anything with ``tolist``)
+    Python lists and numbers, and NaN or infinite floats ``None`` (JSON has no NaN).
+    Other values are returned as they are, so an unknown type still fails in ``json.dumps``.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        return to_json_safe(to_dict() if callable(to_dict) else dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return to_json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # ----------------------------------------------------------------------------- writing

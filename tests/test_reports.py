@@ -1,4 +1,9 @@
-"""Reports from a hand-made results structure: summary numbers, files, plots, tensorboard."""
+"""Reports from a hand-made results structure: summary numbers, files, plots, tensorboard.
+
+Expected numbers are Continual World's definitions worked out by hand (see
+tests/test_metrics.py for the formulas); rliable's comparisons are in
+tests/test_report_statistics.py.
+"""
 
 import csv
 import json
@@ -9,16 +14,20 @@ import pytest
 from agents import reports
 
 TASKS = ["hammer-v3", "push-wall-v3"]
+REPS = 300  # bootstrap resamples: enough for the tests, fast on 2 cores
 
 
 def record(task, index, success, auc, eva_ranks=None):
+    # success curve 0 -> auc -> auc at steps 0, 5, 10: Continual World's AUC (the mean of the
+    # evaluations after step 0) is `auc`; the record's own "auc" field holds the trapezoid
+    # of the same curve, 0.75 * auc, as older eva-rl wrote it, which the report must ignore
     return {
         "task": task, "index": index, "success": success, "mean_return": 100.0 * success,
         "trainable_params": 1000, "finetune_seconds": 10.0, "train_seconds": 8.0,
         "eval_seconds": 1.5, "eva_seconds": 0.5 if eva_ranks else 0.0,
         "eva_share": 0.05 if eva_ranks else 0.0, "first_grad_norm": 0.3,
         "loss_curve": {"steps": [1, 2], "loss": [0.5, 0.4]},
-        "success_curve": {"steps": [0, 2], "success": [0.0, success]}, "auc": auc,
+        "success_curve": {"steps": [0, 5, 10], "success": [0.0, auc, auc]}, "auc": 0.75 * auc,
         "eva_ranks": eva_ranks,
     }  # fmt: skip
 
@@ -53,8 +62,13 @@ def results():
     return res
 
 
-def test_summary_numbers(results):
-    s = reports.summarize(results)
+@pytest.fixture(scope="module")
+def summary(results):
+    return reports.summarize(results, bootstrap_reps=REPS)
+
+
+def test_summary_numbers(results, summary):
+    s = summary
     assert set(s) == {"single", "sequential"}
     assert "dora" not in s["sequential"]  # unfinished runs are left out
     lora = s["single"]["lora"]
@@ -67,18 +81,30 @@ def test_summary_numbers(results):
     # final success = last matrix row, not the diagonal
     assert seq["per_task"]["hammer-v3"]["mean"] == pytest.approx(0.4)
     assert seq["average_performance"]["mean"] == pytest.approx((0.4 + 0.7) / 2)
-    assert seq["forgetting"]["mean"] == pytest.approx(((0.8 - 0.2) + (1.0 - 0.6)) / 2)
+    # Continual World's forgetting, over all T = 2 tasks: seed 0 ((0.8 - 0.2) + 0) / 2 = 0.3,
+    # seed 1 ((1.0 - 0.6) + 0) / 2 = 0.2; mean 0.25
+    assert seq["forgetting"]["mean"] == pytest.approx(0.25)
+    assert seq["variants"]["forgetting_excluding_last"]["mean"] == pytest.approx(0.5)
     np.testing.assert_allclose(seq["success_matrix"], [[0.9, 0.1], [0.4, 0.7]])
-    # forward transfer against the same-seed single run's AUC
-    ft0 = np.mean([(0.6 - 0.5) / 0.5, (0.3 - 0.2) / 0.8])
-    ft1 = np.mean([(0.8 - 0.7) / 0.3, (0.5 - 0.4) / 0.6])
-    assert seq["forward_transfer"]["mean"] == pytest.approx((ft0 + ft1) / 2)
-    lo, hi = seq["forward_transfer"]["ci90"]
-    assert min(ft0, ft1) - 1e-9 <= lo <= hi <= max(ft0, ft1) + 1e-9
+    # forward transfer, ratio of seed means: sequential AUC means (0.7, 0.4), single (0.6, 0.3)
+    # -> ((0.7 - 0.6) / 0.4 + (0.4 - 0.3) / 0.7) / 2 = (0.25 + 0.142857) / 2 = 0.196429
+    ft = seq["forward_transfer"]
+    assert ft["mean"] == pytest.approx(0.196429, abs=1e-6)
+    assert ft["n"] == 2 and ft["n_reference"] == 2
+    lo, hi = ft["ci90"]
+    assert lo <= ft["mean"] <= hi and lo < hi
+    # the old per-seed ratios against the same seed's reference:
+    # seed 0 ((0.6-0.5)/0.5 + (0.3-0.2)/0.8) / 2 = 0.1625, seed 1 ((0.8-0.7)/0.3 +
+    # (0.5-0.4)/0.6) / 2 = 0.25; mean 0.20625
+    assert seq["variants"]["forward_transfer_mean_of_ratios"]["mean"] == pytest.approx(0.20625)
+    # AUC column: Continual World's rule from the curve, not the record's trapezoid value;
+    # single lora per-seed means (0.5 + 0.2) / 2 = 0.35 and (0.7 + 0.4) / 2 = 0.55
+    assert lora["auc"]["mean"] == pytest.approx(0.45)
     # single runs from another pretrained model are no reference
     other = {**results, "runs": [{**r, "pretrained": "other"} if r["protocol"] == "single"
                                  else r for r in results["runs"]]}
-    assert reports.summarize(other)["sequential"]["lora"]["forward_transfer"] is None
+    assert reports.summarize(other, bootstrap_reps=REPS)["sequential"]["lora"][
+        "forward_transfer"] is None
     # eva has no single reference in these results
     assert s["sequential"]["eva"]["forward_transfer"] is None
     assert s["sequential"]["eva"]["eva_share"] == pytest.approx(0.05)
@@ -88,7 +114,7 @@ def test_summary_numbers(results):
 def written(results, tmp_path_factory):
     """One full report (plots are the slow part), shared by the tests that read it."""
     out = tmp_path_factory.mktemp("report")
-    return out, reports.write_report(results, out)
+    return out, reports.write_report(results, out, bootstrap_reps=REPS)
 
 
 def test_write_report_files(results, written):
@@ -101,14 +127,27 @@ def test_write_report_files(results, written):
                  and r["seed"] == "0"]
     assert [float(r["success_final"]) for r in seq_lora0] == [0.2, 0.6]
     assert [float(r["success"]) for r in seq_lora0] == [0.8, 0.6]
+    assert [float(r["auc"]) for r in seq_lora0] == [0.6, 0.3]  # Continual World's rule
     md = paths["report"].read_text()
     assert "| method | hammer | push-wall | avg | paper avg | seeds |" in md
     assert "| lora | 0.90 ± 0.10 | 0.50 ± 0.10 | 0.70 ± 0.10 | 0.86 | 2 |" in md
     assert "Success matrix — eva" in md
     assert "| 1: push-wall | 0.50 | 0.70 |" in md
+    # rliable's comparison; eva has one seed, so no interval is printed for it
+    assert ("| method | seeds × tasks | mean success [95% CI] | IQM [95% CI] | "
+            "P(improvement over lora) [95% CI] | success AUC (mean ± s.e.) |") in md
+    assert "| eva | 1 × 2 | 0.60 [n/a (1 seed)] | 0.60 [n/a (1 seed)] |" in md
+    assert "`n/a (1 seed)`: with one seed per task" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora | 2 × 2 |"))
+    assert "(reference)" in lora_row and "n/a" not in lora_row
+    # Continual World's metrics, named as such; the definitions are spelled out
+    assert "| eva | 0.60 [n/a (1 seed)] | 0.20 [n/a (1 seed)] | – |" in md
+    assert "forgetting (over all T tasks)" in md and "## Definitions" in md
+    assert "averaged over all T tasks" in md
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == sorted([
         "success_per_task_single.png", "success_per_task_sequential.png",
+        "comparison_single.png", "comparison_sequential.png",
         "success_matrix_eva.png", "success_matrix_lora.png",
         "success_over_sequence_eva.png", "success_over_sequence_lora.png",
         "eva_ranks_sequential_eva.png",
@@ -127,7 +166,8 @@ def test_tensorboard_tags_and_rewrite(results, written):
     summary.Reload()
     assert "plots/success_matrix_lora" in summary.Tags()["images"]
     # a second write replaces the event files, never appends to them
-    reports.write_tensorboard(results, reports.summarize(results), {}, tmp_path / "tb")
+    reports.write_tensorboard(results, reports.summarize(results, bootstrap_reps=REPS), {},
+                              tmp_path / "tb")
     run_dir = tmp_path / "tb" / "sequential_lora_seed0"
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
@@ -137,7 +177,10 @@ def test_tensorboard_tags_and_rewrite(results, written):
             "finetune/push-wall-v3/success", "finetune/hammer-v3/first_grad_norm"} <= tags
     hammer = [(e.step, round(e.value, 4)) for e in acc.Scalars("eval/hammer-v3/success")]
     assert hammer == [(0, 0.8), (1, 0.2)]
-    assert [round(e.value, 4) for e in acc.Scalars("cl/forgetting")] == [0.0, 0.6]
+    # Continual World's forgetting over the tasks so far: 0, then ((0.8 - 0.2) + 0) / 2
+    assert [round(e.value, 4) for e in acc.Scalars("cl/forgetting")] == [0.0, 0.3]
+    # this seed's AUC (0.6, 0.3) against the reference seed means (0.6, 0.3): 0 on both
+    assert [round(e.value, 4) for e in acc.Scalars("cl/forward_transfer")] == [0.0, 0.0]
     assert len(list(run_dir.glob("events.*"))) == 1
     assert len(list((tmp_path / "tb" / "summary").glob("events.*"))) == 1
 
@@ -159,9 +202,11 @@ def test_merge_and_load_errors(results, tmp_path):
         reports.load_results(tmp_path)
 
 
-def test_terminal_table(results):
-    text = reports.format_table(reports.summarize(results))
+def test_terminal_table(summary):
+    text = reports.format_table(summary)
     assert "lora" in text and "0.86" in text and "forgetting" in text
+    assert "IQM [95% CI]" in text and "P(> lora) [95% CI]" in text
+    assert "0.60 [n/a (1 seed)]" in text and "(n/a: with one seed per task" in text
 
 
 def test_report_script_combines_runs(results, tmp_path, capsys):
@@ -178,11 +223,51 @@ def test_report_script_combines_runs(results, tmp_path, capsys):
     reports.write_json(tmp_path / "a" / "results.json", single)
     reports.write_json(tmp_path / "b" / "results.json", seq)
     assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c"),
-                        "--no-tensorboard"]) == 0
+                        "--no-tensorboard", "--bootstrap-reps", str(REPS)]) == 0
     md = (tmp_path / "c" / "report.md").read_text()
     assert "`single` protocol" in md and "`sequential` protocol" in md
     # forward transfer is computed once the single runs sit next to the sequential ones
     merged = reports.load_results(tmp_path / "c")
-    assert reports.summarize(merged)["sequential"]["lora"]["forward_transfer"] is not None
+    assert reports.summarize(merged, bootstrap_reps=REPS)["sequential"]["lora"][
+        "forward_transfer"] is not None
+    assert "IQM [95% CI]" in capsys.readouterr().out
     assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert "no results.json" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "a"), "--out", str(tmp_path / "e"),
+                        "--bootstrap-reps", "0"]) == 2
+    assert "--bootstrap-reps must be positive" in capsys.readouterr().err
+
+
+def test_comparison_in_summary_by_hand():
+    """rliable's numbers on a tiny results dict: 3 seeds x 2 tasks of lora and eva."""
+    lora = [[0.2, 0.4], [0.6, 0.4], [0.8, 1.0]]
+    eva = [[0.6, 0.8], [1.0, 0.8], [0.4, 1.0]]
+    res = reports.empty_results()
+    res["runs"] = ([single_run("lora", s, row, row) for s, row in enumerate(lora)]
+                   + [single_run("eva", s, row, row) for s, row in enumerate(eva)])
+    s = reports.summarize(res, bootstrap_reps=REPS)["single"]
+    c = s["eva"]["comparison"]
+    # IQM: the 6 runs sorted 0.4 0.6 0.8 0.8 1.0 1.0, one cut at each end (25% of 6,
+    # rounded down as scipy's trim_mean does): (0.6 + 0.8 + 0.8 + 1.0) / 4 = 0.8
+    assert c["iqm"]["value"] == pytest.approx(0.8)
+    assert c["mean"]["value"] == pytest.approx(4.6 / 6)
+    # P(eva > lora): task 0 (0.6, 1.0, 0.4) vs (0.2, 0.6, 0.8): 1.5 + 3 + 1 = 5.5 of 9 pairs;
+    # task 1 (0.8, 0.8, 1.0) vs (0.4, 0.4, 1.0): 2 + 2 + 2.5 = 6.5 of 9; (5.5 + 6.5) / 18
+    assert c["p_improvement"]["value"] == pytest.approx(2 / 3)
+    low, high = c["p_improvement"]["ci"]
+    assert low < 2 / 3 < high
+    assert s["lora"]["comparison"]["p_improvement"] is None  # the reference itself
+    # the 95% intervals of the report are rliable's, reproducible run to run
+    again = reports.summarize(res, bootstrap_reps=REPS)["single"]["eva"]["comparison"]
+    assert again == c
+    assert c["iqm"]["ci"][0] <= 0.8 <= c["iqm"]["ci"][1]
+    md = reports.render_markdown(res, {"single": s})
+    assert "| eva | 3 × 2 | 0.77 [" in md and "n/a" not in md
+    assert "| lora | 3 × 2 |" in md and "(reference)" in md
+
+
+def test_auc_needs_an_evaluation_after_step_0():
+    rec = {**record("hammer-v3", 0, 0.5, 0.5), "success_curve": {"steps": [0],
+                                                                 "success": [0.2]}}
+    with pytest.raises(ValueError, match="hammer-v3 .*no evaluation after step 0"):
+        reports.task_auc(rec)
