@@ -27,7 +27,7 @@ from agents.executors import Executor, LocalExecutor, RayExecutor
 from agents.finetune import CONFIGS, FinetuneConfig, get_config
 from agents.methods import METHODS
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
-from agents.reports import format_table, summarize
+from agents.reports import format_table, summarize, write_report
 from eva_rl.data import DatasetError
 from eva_rl.schema import add_field_flags
 from eva_rl.training import TrainConfig
@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         executor = make_executor(args)
         t0 = time.perf_counter()
         results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,
-                                 executor=executor)
+                                 executor=executor, report=False)
+        summary = summarize(results)  # the bootstraps are the slow part: once for both
+        write_report(results, args.out, summary=summary)
     except (ValueError, DatasetError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_table(summarize(results)))
+    print(format_table(summary))
     print(f"\n{time.perf_counter() - t0:.0f} s. Report: {args.out}/report.md, plots: "
           f"{args.out}/plots/, tensorboard: tensorboard --logdir {args.out}")
     return 0

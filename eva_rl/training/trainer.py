@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eva_rl.io import to_json_safe
 from eva_rl.logging import RunLogger
 from eva_rl.progress import progress_bar
 from eva_rl.schema import check_known_fields
@@ -426,7 +427,7 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{file}: cannot restore training state: {err}") from err
         changed = {k: (v, getattr(self.config, k)) for k, v in saved_cfg.items()
-                   if k not in _RESUMABLE_CHANGES and _jsonable(getattr(self.config, k)) != v}
+                   if k not in _RESUMABLE_CHANGES and to_json_safe(getattr(self.config, k)) != v}
         if changed:
             logger.warning("resuming %s with changed settings %s: the run will not match "
                            "an uninterrupted one", path, changed)
@@ -449,6 +450,3 @@ def _count(batch: Mapping[str, np.ndarray]) -> float:
         return float(np.count_nonzero(batch["mask"]))
     return float(len(next(iter(batch.values()))))
 
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
