@@ -71,7 +71,7 @@ class TaskSummary:
         )
 
 
-def task_seed(seed: int, task: str) -> int:
+def collection_seed(seed: int, task: str) -> int:
     """The seed of one task's collection: stable across task lists and worker counts."""
     return int(zlib.crc32(task.encode()) ^ (int(seed) * 0x9E3779B1)) % (2**32)
 
@@ -85,7 +85,7 @@ def collection_metadata(collector: Collector, task: str, n_episodes: int, seed: 
         "noise": settings.get("noise", []),
         "epsilon": settings.get("epsilon", []),
         "seed": int(seed),
-        "task_seed": task_seed(seed, task),
+        "collection_seed": collection_seed(seed, task),
         "requested_episodes": int(n_episodes),
         "max_episode_steps": collector.max_episode_steps,
         "package_versions": collector.package_versions(),
@@ -103,7 +103,9 @@ def collect_task(
     """Collect one task and write ``out_dir/<task>``; ``progress(n)`` after episodes."""
     task = resolve_task(task)
     start = time.perf_counter()
-    traj = collector.collect(task, n_episodes, seed=task_seed(seed, task), progress=progress)
+    traj = collector.collect(
+        task, n_episodes, seed=collection_seed(seed, task), progress=progress
+    )
     ds = write_dataset(
         Path(out_dir) / task,
         task=task,

@@ -42,9 +42,9 @@ from eva_rl.eva import (
     dt_forward_and_mask,
     log_eva,
 )
-from eva_rl.logging import RunLogger
 from eva_rl.metrics import success_auc
 from eva_rl.schema import check_known_fields
+from eva_rl.tensorboard import RunLogger
 from eva_rl.training import TrainConfig, Trainer, list_checkpoints
 from eva_rl.training.trainer import TB_DIR
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.collection import collect_datasets, collection_metadata, task_seed
+from agents.collection import collect_datasets, collection_metadata, collection_seed
 from agents.experts import (
     SACCollector,
     ScriptedCollector,
@@ -185,7 +185,7 @@ def test_collect_datasets_writes_manifests(reference):
     assert ds.n_episodes == EPISODES and ds.n_transitions == EPISODES * H
     m = ds.manifest
     assert m["collector"] == "scripted" and m["noise"] == [0.0, 0.2] and m["epsilon"] == [0, 0.1]
-    assert m["seed"] == 3 and m["task_seed"] == task_seed(3, "push-v3")
+    assert m["seed"] == 3 and m["collection_seed"] == collection_seed(3, "push-v3")
     assert set(m["package_versions"]) >= {"metaworld", "mujoco", "gymnasium", "numpy"}
     assert summaries[1].mean_return == pytest.approx(ds.episode_returns.mean())
 

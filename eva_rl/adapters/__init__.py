@@ -7,7 +7,7 @@ frozen base, for any torch model built of `nn.Linear` layers; plus full fine-tun
     save_adapter(model, "hammer-v3", run_dir / "adapters" / "hammer-v3")
 """
 
-from eva_rl.adapters.config import DEFAULT_TARGETS, METHODS, AdapterConfig
+from eva_rl.adapters.config import ADAPTER_KINDS, DEFAULT_TARGETS, AdapterConfig
 from eva_rl.adapters.layer import AdapterLinear
 from eva_rl.adapters.model import (
     active_adapter,
@@ -25,8 +25,8 @@ from eva_rl.adapters.saving import load_adapter, save_adapter
 from eva_rl.adapters.variants import VARIANTS, dora_weight_norm
 
 __all__ = [
+    "ADAPTER_KINDS",
     "DEFAULT_TARGETS",
-    "METHODS",
     "VARIANTS",
     "AdapterConfig",
     "AdapterLinear",

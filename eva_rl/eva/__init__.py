@@ -15,7 +15,7 @@ from eva_rl.eva.hooks import (
     find_target_layers,
 )
 from eva_rl.eva.incremental_svd import IncrementalSVD, choose_solver, partial_fit_many
-from eva_rl.eva.logging import log_eva
+from eva_rl.eva.tensorboard import log_eva
 
 __all__ = [
     "ActivationCollector",

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from eva_rl.logging import RunLogger
 from eva_rl.schema import check_known_fields
+from eva_rl.tensorboard import RunLogger
 from eva_rl.training import distributed
 from eva_rl.training.checkpoint import (
     checkpoint_dir,
