@@ -164,25 +164,22 @@ def test_terminal_table(results):
     assert "lora" in text and "0.86" in text and "forgetting" in text
 
 
-def test_report_script_combines_runs(results, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.slow
+def test_report_script_combines_runs(results, tmp_path):
+    from helpers import run_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
-    spec = importlib.util.spec_from_file_location("report_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     single, seq = reports.empty_results(), reports.empty_results()
     single["runs"] = [r for r in results["runs"] if r["protocol"] == "single"]
     seq["runs"] = [r for r in results["runs"] if r["protocol"] == "sequential"]
     reports.write_json(tmp_path / "a" / "results.json", single)
     reports.write_json(tmp_path / "b" / "results.json", seq)
-    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c"),
-                        "--no-tensorboard"]) == 0
+    done = run_script("report", [str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                 str(tmp_path / "c"), "--no-tensorboard"])
+    assert done.returncode == 0, done.stderr
     md = (tmp_path / "c" / "report.md").read_text()
     assert "`single` protocol" in md and "`sequential` protocol" in md
     # forward transfer is computed once the single runs sit next to the sequential ones
     merged = reports.load_results(tmp_path / "c")
     assert reports.summarize(merged)["sequential"]["lora"]["forward_transfer"] is not None
-    assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
-    assert "no results.json" in capsys.readouterr().err
+    missing = run_script("report", [str(tmp_path / "missing"), "--out", str(tmp_path / "d")])
+    assert missing.returncode == 2 and "no results.json" in missing.stderr

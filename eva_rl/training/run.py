@@ -1,7 +1,15 @@
-"""Run directories: ``config.json`` and safetensors weights, written atomically.
+"""The run-directory format: what pretraining writes and `DTAgent.load` reads.
 
-A pretraining run directory holds ``config.json`` (see docs/CONTRACTS.md, "Run
-directory"), ``model.safetensors`` (final weights), ``tb/`` and ``checkpoints/``.
+    RUN/config.json          `write_run_config` / `read_run_config`: format, version and the
+                             RUN_KEYS (model, train, tasks, data, state_mean, state_std,
+                             target_returns), plus any extra keys the writer adds
+    RUN/model.safetensors    WEIGHTS_FILE: the base model's final weights
+    RUN/adapters/<task>/     ADAPTERS_DIR: task adapters (`eva_rl.adapters.save_adapter`)
+    RUN/tb/, RUN/checkpoints/  the Trainer's tensorboard events and checkpoints
+
+A task's target return (the return-to-go the agent conditions on) is, by default, the
+largest episode return in that task's dataset: `default_target_return`. Every file is
+written under a temporary name and renamed (docs/CONTRACTS.md, "Run directory").
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -27,7 +36,9 @@ RUN_FORMAT = "eva-rl-run"
 RUN_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_REQUIRED = ("model", "train", "tasks", "data", "state_mean", "state_std", "target_returns")
+ADAPTERS_DIR = "adapters"
+RUN_KEYS = ("model", "train", "tasks", "data", "state_mean", "state_std", "target_returns")
+"""The keys every run config has (besides ``format`` and ``version``)."""
 
 
 class CheckpointError(ValueError):
@@ -94,12 +105,36 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     config = read_versioned_json(
         path, RUN_FORMAT, RUN_VERSION, "run config", error_cls=CheckpointError
     )
-    missing = [k for k in _REQUIRED if k not in config]
+    missing = [k for k in RUN_KEYS if k not in config]
     if missing:
         raise CheckpointError(f"{path}: run config lacks {missing}")
     if len(config["state_mean"]) != len(config["state_std"]):
         raise CheckpointError(f"{path}: state_mean and state_std differ in length")
     return config
+
+
+def default_target_return(dataset: Any) -> float:
+    """The return a task is conditioned on: its dataset's largest episode return.
+
+    ``dataset`` is a `TrajectoryDataset` (anything with ``episode_returns``)."""
+    returns = np.asarray(dataset.episode_returns)
+    if returns.size == 0:
+        raise ValueError(f"{getattr(dataset, 'path', dataset)}: no episodes, so no target return")
+    return float(returns.max())
+
+
+def default_target_returns(datasets: Mapping[str, Any]) -> dict[str, float]:
+    """`default_target_return` of every task's dataset, in the mapping's order."""
+    return {task: default_target_return(ds) for task, ds in datasets.items()}
+
+
+def adapter_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The saved task adapters of a run, ``RUN/adapters/<task>/``, sorted by name
+    (half-written ``.``-prefixed temporary directories are skipped)."""
+    root = Path(run_dir) / ADAPTERS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
