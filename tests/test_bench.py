@@ -6,7 +6,11 @@ Nothing here checks the speed; it checks that a refactor cannot silently break a
 import re
 
 import bench_adapters
+import bench_collect
+import bench_data
 import bench_dt
+import bench_eva
+import bench_eval
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -30,3 +34,53 @@ def test_bench_dt(capsys):
     for impl in bench_dt.IMPLS:
         assert re.search(rf"^{impl} +\d+ +[\d,]+ +\d+", out, re.MULTILINE), impl
     assert re.search(rf"wall ratios: hf/ours-3tok {NUMBER}", out)
+
+
+def test_bench_data(capsys, tmp_path):
+    bench_data.main(["--transitions", "2000", "--tasks", "2", "--per-task", "1000", "--batch",
+                     "8", "--contexts", "5", "--repeats", "1", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(rf"size per 100k transitions: ours {NUMBER} MiB", out)
+    assert re.search(rf"open_dataset \(full validation\) +{NUMBER} ms +ratio +{NUMBER}", out)
+    assert re.search(r"batch 8, context 5: ours .* -> ours \d+\.\dx faster", out)
+    assert list(tmp_path.iterdir()) == []  # its scratch directory is removed
+
+
+def test_bench_eva(capsys):
+    bench_eva.main(["--preset", "tiny", "--device", "cpu", "--solver-dims", "16",
+                    "--solver-rows", "64", "--batch-size", "4", "--n-batches", "4",
+                    "--repeats", "1", "--steps", "1", "--k-steps", "2", "--theorem-seeds", "1",
+                    "--skip-paper"])
+    out = capsys.readouterr().out
+    for section in ("## solvers", "## EVA init vs PEFT", "## EVA vs one full SVD",
+                    "## EVA init as a share", "## Theorem 3.2"):
+        assert section in out, section
+    assert re.search(r"^\| 16 \| 64 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \w+ \|", out, re.MULTILINE)
+    assert re.search(rf"ours is {NUMBER}x faster", out)
+    assert re.search(rf"EVA share {NUMBER}%", out)
+    for init in ("eva", "lora", "lora-unit-rows"):
+        assert re.search(rf"{init}: grad norm at step 1 {NUMBER}e[-+]\d+", out), init
+
+
+def test_bench_eval(capsys):
+    bench_eval.main(["--preset", "tiny", "--tasks", "reach", "--episodes", "2",
+                     "--loop-episodes", "1", "--max-steps", "10", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"repeat 0: batched \d+ steps/s \(20 steps", out)
+    assert re.search(rf"batched / raw env +{NUMBER} +\(goal >= 0.7\)", out)
+    assert re.search(rf"1 thread\(s\): full window \(\d+ steps\) {NUMBER} ms", out)
+
+
+def test_bench_collect(capsys):
+    bench_collect.main(["--sections", "throughput,scaling,quality,sac", "--tasks", "reach",
+                        "--scaling-tasks", "reach,push", "--repeats", "1", "--episodes", "1",
+                        "--throughput-episodes", "1", "--scaling-episodes", "1",
+                        "--sac-steps", "40", "--max-episode-steps", "20"])
+    out = capsys.readouterr().out
+    assert "### Throughput per worker (1 episodes of 20 steps" in out
+    assert re.search(r"^\| reach-v3 \| \d+ \| \d+ \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|$", out,
+                     re.MULTILINE)
+    assert re.search(rf"^\| 2 \| {NUMBER} \| \d+ \| {NUMBER} \|", out, re.MULTILINE)
+    assert "### Scripted experts" in out and "| **mean** |" in out
+    assert re.search(rf"Dataset size on disk: {NUMBER} MiB per 100k", out)
+    assert "### SAC (40 training steps per task" in out

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -30,8 +29,10 @@ from agents.evaluation import run_episodes
 from envs import make_env, make_vec_env, resolve_tasks
 from eva_rl.models import DecisionTransformer, DTConfig
 
+from common import NOISY, median, set_threads
 
-def parse_args() -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=None, help="a run directory (default: a fresh model)")
     p.add_argument("--preset", default="small", help="model preset without --run")
@@ -44,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def make_agent(args: argparse.Namespace, tasks: tuple[str, ...]) -> DTAgent:
@@ -125,13 +126,12 @@ def forward_times(agent: DTAgent, batch: int, threads: tuple[int, ...], reps: in
             model(**inputs[k])
             times[(k, n)].append(time.perf_counter() - t0)
     torch.set_num_threads(before)
-    return {key: 1000 * statistics.median(v) for key, v in times.items()}
+    return {key: 1000 * median(v) for key, v in times.items()}
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
     tasks = tuple(dict.fromkeys(resolve_tasks(args.tasks.split(","))))
     agent = make_agent(args, tasks)
     n_params = sum(p.numel() for p in agent.model.parameters())
@@ -151,7 +151,7 @@ def main() -> None:
         print(f"repeat {rep}: batched {rates['batched'][-1]:.0f} steps/s ({steps} steps, "
               f"env build {build:.1f} s), loop {rates['loop'][-1]:.0f}, "
               f"raw {rates['raw'][-1]:.0f}")
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = {k: median(v) for k, v in rates.items()}
     print(f"\nmedians over {args.repeats} repeats (env steps/s, model included):")
     for k, v in med.items():
         print(f"  {k:<14} {v:8.0f}")
@@ -167,7 +167,7 @@ def main() -> None:
         print(f"  {n} thread(s): full window ({k} steps) {full:.2f} ms, one timestep "
               f"{one:.2f} ms, ratio {full / one:.1f}x; full window per env step "
               f"{full / batch:.3f} ms")
-    print("numbers from a shared, noisy 2-core machine")
+    print(NOISY)
 
 
 if __name__ == "__main__":
