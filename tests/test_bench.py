@@ -11,6 +11,8 @@ import bench_data
 import bench_dt
 import bench_eva
 import bench_eval
+import bench_pipeline
+import bench_pretrained
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -84,3 +86,40 @@ def test_bench_collect(capsys):
     assert "### Scripted experts" in out and "| **mean** |" in out
     assert re.search(rf"Dataset size on disk: {NUMBER} MiB per 100k", out)
     assert "### SAC (40 training steps per task" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Scripted data for one task and a tiny DT pretrained on it for 2 updates."""
+    from agents.collection import collect_datasets
+    from agents.experts import ScriptedCollector
+    from eva_rl.training import PretrainConfig, pretrain, pretrain_train_config
+
+    root = tmp_path_factory.mktemp("bench")
+    collect_datasets(["reach"], ScriptedCollector(max_episode_steps=10), 2, root / "data",
+                     progress=False)
+    pretrain(root / "data", ["reach-v3"], root / "pre", PretrainConfig(
+        preset="tiny", train=pretrain_train_config(2, batch_size=4, progress=False)))
+    return root / "data", root / "pre"
+
+
+def test_bench_pretrained(tiny_run, capsys):
+    _, pre = tiny_run
+    bench_pretrained.main(["--run", str(pre), "--tasks", "reach", "--episodes", "1",
+                           "--max-episode-steps", "10"])
+    out = capsys.readouterr().out
+    assert re.search(r"^reach-v3 +\d\.\d\d +\d\.\d\d$", out, re.MULTILINE)
+    assert re.search(r"^mean over 1 tasks +\d\.\d{3} +\d\.\d{3}$", out, re.MULTILINE)
+
+
+def test_bench_pipeline(tiny_run, capsys, tmp_path):
+    data, pre = tiny_run
+    assert bench_pipeline.main([
+        "cw10", "--pretrained", str(pre), "--data", str(data), "--tasks", "reach",
+        "--methods", "lora", "--config", "quick", "--steps", "2", "--eval-episodes", "1",
+        "--max-episode-steps", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"lora run 0: \d+ s wall, peak RSS \d+ MiB, avg success \d\.\d\d; "
+                     r"train \d+\.\d s", out)
+    assert re.search(r"^  lora +\d+ s \(1\.00x lora\), peak RSS \d+ MiB, EVA init 0\.0 s", out,
+                     re.MULTILINE)
