@@ -20,7 +20,7 @@ import queue as queue_lib
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +252,3 @@ def _drain(q, bar) -> None:
             bar.update(q.get_nowait())
         except queue_lib.Empty:
             return
-
-
-def summary_rows(summaries: Sequence[TaskSummary]) -> list[dict[str, Any]]:
-    """Plain dicts of the summaries (for printing or JSON)."""
-    return [asdict(s) for s in summaries]

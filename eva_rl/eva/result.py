@@ -17,7 +17,6 @@ RESULT_FORMAT = "eva-rl-eva-result"
 RESULT_VERSION = 1
 TENSORS_FILE = "eva.safetensors"
 META_FILE = "eva.json"
-STOP_REASONS = ("converged", "max_batches", "exhausted")
 
 
 @dataclass
