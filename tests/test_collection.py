@@ -105,6 +105,7 @@ def test_bad_collector_settings(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_sac_replay_buffer_trajectories_are_the_real_transitions():
     pytest.importorskip("stable_baselines3")
     sac = SACCollector(
@@ -172,6 +173,7 @@ def reference(tmp_path_factory):
     return out, summaries
 
 
+@pytest.mark.slow
 def test_collect_datasets_writes_manifests(reference):
     out, summaries = reference
     assert [s.task for s in summaries] == [f"{t}-v3" for t in TASKS]
@@ -204,6 +206,7 @@ collect_datasets({tasks!r}, collector, {episodes}, {out!r}, seed=3, progress=Fal
 """
 
 
+@pytest.mark.slow
 def test_interrupted_collection_resumes_without_loss_or_duplicates(reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
@@ -234,6 +237,7 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(reference, tm
         _assert_same(open_dataset(out / t), open_dataset(ref_out / t))
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_foreign_dirs(reference, tmp_path):
     ref_out, _ = reference
     other = ScriptedCollector(noise=(0.5,), max_episode_steps=H)

@@ -1,5 +1,5 @@
 """Tiny end to end: scripted-expert data, a tiny pretrained DT, fine-tuning protocols,
-interruption + resume, and the bad-input errors of scripts/finetune.py."""
+interruption + resume, and the bad-input errors of `run_experiment` and scripts/finetune.py."""
 
 import json
 
@@ -60,6 +60,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
     exp = experiment(setup)
     full = run_experiment(exp, tmp_path / "full", report=False)
@@ -95,6 +96,7 @@ def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
     assert saved["runs"][0]["success_matrix"] == run["success_matrix"]
 
 
+@pytest.mark.slow
 def test_single_fft_and_resume_with_other_settings(setup, tmp_path):
     exp = experiment(setup, protocol="single", methods=("fft", "lora"), eval_every=3,
                      eval_at_start=True, steps=3)
@@ -112,6 +114,7 @@ def test_single_fft_and_resume_with_other_settings(setup, tmp_path):
         run_experiment(other, tmp_path / "single", resume=True)
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_before_anything_is_written(setup, tmp_path):
     root, data, pre = setup
 
@@ -175,6 +178,7 @@ def test_method_registry():
         get_method("evaa")
 
 
+@pytest.mark.slow
 def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     """Each method's initialisation leaves the model's predictions unchanged (B = 0, or the
     PiSSA/OLoRA offset), trains only what it should, and EVA-reverse picks other components."""
@@ -219,6 +223,7 @@ def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     assert captured(low, reverse=True) < 0.5 * captured(top, reverse=False)
 
 
+@pytest.mark.slow
 def test_sequential_fft_resume_restores_the_previous_task_weights(setup, tmp_path):
     exp = experiment(setup, methods=("fft",), steps=2, checkpoint_every=1, log_every=1)
     full = run_experiment(exp, tmp_path / "full", report=False)

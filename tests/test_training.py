@@ -229,6 +229,7 @@ def _ddp_worker(rank: int, world: int, init: str, data_root: str, out: str) -> N
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(data_root, tmp_path):
     init = f"file://{tmp_path / 'store'}"
     mp.start_processes(_ddp_worker, args=(2, init, str(data_root), str(tmp_path)), nprocs=2,
@@ -243,6 +244,7 @@ def test_ddp_two_processes_match_one(data_root, tmp_path):
         torch.testing.assert_close(other.state_dict()[k], v, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pretrain_writes_run_dir_resumes_exactly_and_refuses_bad_input(data_root, tmp_path):
     def config(steps, **train):
         return PretrainConfig(preset="tiny", train=pretrain_train_config(
