@@ -164,9 +164,10 @@ def pretrain(
                          state_mean=run["state_mean"], state_std=run["state_std"],
                          target_returns=run["target_returns"], overwrite=resume,
                          mixing=run["mixing"], seed=tcfg.seed)
-        logger.info("%d tasks, %d transitions; model %s: %s parameters; %d process(es) on %s",
-                    len(tasks), sum(d.n_transitions for d in datasets.values()),
-                    config.preset, f"{model.num_parameters():,}", dist.world_size, dist.device)
+        logger.info("%d tasks, %d transitions; model %d x %d: %s parameters; %d process(es) "
+                    "on %s", len(tasks), sum(d.n_transitions for d in datasets.values()),
+                    model_cfg.n_layer, model_cfg.n_embd, f"{model.num_parameters():,}",
+                    dist.world_size, dist.device)
     trainer = Trainer(model, sampler, tcfg, out,
                       hparams={"model": model_cfg.to_dict(), "tasks": ",".join(tasks)})
     t0 = time.perf_counter()
