@@ -66,7 +66,8 @@ def test_bench_eva(capsys):
 
 def test_bench_eval(capsys):
     bench_eval.main(["--preset", "tiny", "--tasks", "reach", "--episodes", "2",
-                     "--loop-episodes", "1", "--max-steps", "10", "--repeats", "1"])
+                     "--loop-episodes", "1", "--max-steps", "10", "--repeats", "1",
+                     "--forward-threads", "1", "--forward-reps", "2"])
     out = capsys.readouterr().out
     assert re.search(r"repeat 0: batched \d+ steps/s \(20 steps", out)
     assert re.search(rf"batched / raw env +{NUMBER} +\(goal >= 0.7\)", out)

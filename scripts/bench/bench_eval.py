@@ -14,6 +14,9 @@ initialised preset (`--preset`, default `small`) with unit state statistics.
 Example:
     python scripts/bench/bench_eval.py --preset small --tasks hammer,push-wall,faucet-close \
         --episodes 10 --repeats 3
+    # smoke run (the test suite's):
+    python scripts/bench/bench_eval.py --preset tiny --tasks reach --episodes 2 \
+        --loop-episodes 1 --max-steps 10 --repeats 1 --forward-threads 1 --forward-reps 2
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--forward-threads", type=int, nargs="+", default=None,
+                   help="thread counts of the forward timing (default: 1, 2 and torch's)")
+    p.add_argument("--forward-reps", type=int, default=20, help="forwards timed per variant")
     return p.parse_args(argv)
 
 
@@ -159,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  batched / raw env      {med['batched'] / med['raw']:.2f}  (goal >= 0.7)")
     print(f"  batched+build / raw    {med['batched+build'] / med['raw']:.2f}")
     batch, k = len(tasks) * args.episodes, agent.config.context_len
-    ms = forward_times(agent, batch, threads=tuple(dict.fromkeys((1, 2, torch.get_num_threads()))))
+    threads = args.forward_threads or (1, 2, torch.get_num_threads())
+    ms = forward_times(agent, batch, threads=tuple(dict.fromkeys(threads)),
+                       reps=args.forward_reps)
     print(f"\nforward of a batch of {batch} episodes (median ms; a KV-cached step would cost "
           "at least the one-timestep forward):")
     for n in sorted({n for _, n in ms}):
