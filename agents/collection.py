@@ -20,7 +20,7 @@ import queue as queue_lib
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class TaskSummary:
         )
 
 
-def task_seed(seed: int, task: str) -> int:
+def collection_seed(seed: int, task: str) -> int:
     """The seed of one task's collection: stable across task lists and worker counts."""
     return int(zlib.crc32(task.encode()) ^ (int(seed) * 0x9E3779B1)) % (2**32)
 
@@ -84,7 +84,7 @@ def collection_metadata(collector: Collector, task: str, n_episodes: int, seed: 
         "noise": settings.get("noise", []),
         "epsilon": settings.get("epsilon", []),
         "seed": int(seed),
-        "task_seed": task_seed(seed, task),
+        "collection_seed": collection_seed(seed, task),
         "requested_episodes": int(n_episodes),
         "max_episode_steps": collector.max_episode_steps,
         "package_versions": collector.package_versions(),
@@ -102,7 +102,9 @@ def collect_task(
     """Collect one task and write ``out_dir/<task>``; ``progress(n)`` after episodes."""
     task = resolve_task(task)
     start = time.perf_counter()
-    traj = collector.collect(task, n_episodes, seed=task_seed(seed, task), progress=progress)
+    traj = collector.collect(
+        task, n_episodes, seed=collection_seed(seed, task), progress=progress
+    )
     ds = write_dataset(
         Path(out_dir) / task,
         task=task,
@@ -250,8 +252,3 @@ def _drain(q, bar) -> None:
             bar.update(q.get_nowait())
         except queue_lib.Empty:
             return
-
-
-def summary_rows(summaries: Sequence[TaskSummary]) -> list[dict[str, Any]]:
-    """Plain dicts of the summaries (for printing or JSON)."""
-    return [asdict(s) for s in summaries]

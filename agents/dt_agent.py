@@ -37,8 +37,11 @@ from eva_rl.io import atomic_dir
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.models.inference import RolloutContext
 from eva_rl.training.run import (
+    ADAPTERS_DIR,
+    RUN_KEYS,
     WEIGHTS_FILE,
     CheckpointError,
+    adapter_dirs,
     load_weights,
     read_run_config,
     read_weights,
@@ -47,8 +50,6 @@ from eva_rl.training.run import (
 )
 
 logger = logging.getLogger(__name__)
-
-ADAPTERS_DIR = "adapters"
 
 
 def default_device() -> torch.device:
@@ -233,15 +234,14 @@ class DTAgent:
     # ----------------------------------------------------------------------- on disk
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> DTAgent:
-        """Load a run directory (config.json, model.safetensors, adapters/<task>/)."""
+        """Load a run directory (config.json, model.safetensors, adapters/<task>/; the
+        format is `eva_rl.training.run`'s)."""
         path = Path(path)
         cfg = read_run_config(path)
         model = DecisionTransformer(DTConfig.from_dict(cfg["model"]))
         load_weights(model, path / WEIGHTS_FILE)
-        adapters = path / ADAPTERS_DIR
-        if adapters.is_dir():
-            for sub in sorted(p for p in adapters.iterdir() if p.is_dir() and not _is_temp(p)):
-                load_adapter(model, sub, name=sub.name)
+        for sub in adapter_dirs(path):
+            load_adapter(model, sub, name=sub.name)
         agent = cls(
             model,
             cfg["state_mean"],
@@ -275,11 +275,7 @@ class DTAgent:
 
     def _config_fields(self) -> dict[str, Any]:
         run = self.run_config or {}
-        extra = {
-            k: v for k, v in run.items()
-            if k not in ("format", "version", "model", "state_mean", "state_std",
-                         "target_returns", "train", "tasks", "data")
-        }
+        extra = {k: v for k, v in run.items() if k not in ("format", "version", *RUN_KEYS)}
         return dict(
             model=self.config.to_dict(),
             train=run.get("train", {}),
@@ -348,6 +344,3 @@ class DTAgent:
             with atomic_dir(root / name, overwrite=True) as tmp:
                 save_adapter(self.model, name, tmp)
 
-
-def _is_temp(path: Path) -> bool:
-    return path.name.startswith(".")

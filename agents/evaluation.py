@@ -22,6 +22,7 @@ from agents.dt_agent import DTAgent
 from envs import final_step_infos, make_vec_env, resolve_tasks
 from eva_rl.adapters import active_adapter, adapter_layers
 from eva_rl.progress import progress_bar
+from eva_rl.state import preserve_model_state
 
 logger = logging.getLogger(__name__)
 
@@ -109,23 +110,20 @@ def run_episodes(
     for name in dict.fromkeys(adapters):
         groups[name] = np.array([i for i, a in enumerate(adapters) if a == name])
     model = agent.model
-    # evaluation may run in the middle of fine-tuning: leave the model as it was found
-    was_training = model.training
-    trainable = [p.requires_grad for p in model.parameters()]
     has_adapters = bool(adapter_layers(model))
-    before = active_adapter(model) if has_adapters else None
-    current = before
-    model.eval()
     ctx = agent.new_context(n, targets)
     successes = np.zeros(n, dtype=bool)
     returns = np.zeros(n, dtype=np.float64)
     lengths = np.zeros(n, dtype=np.int64)
     running = np.ones(n, dtype=bool)
     actions = np.zeros((n, agent.config.act_dim), dtype=np.float32)
-    obs, _ = venv.reset()
     bar = progress_bar(total=max_steps, desc=f"evaluate {n} episodes", unit="step",
                        disable=not progress, leave=False)
-    try:
+    # evaluation may run in the middle of fine-tuning: leave the model as it was found
+    with preserve_model_state(model), bar:
+        model.eval()
+        current = active_adapter(model) if has_adapters else None
+        obs, _ = venv.reset()
         while running.any():
             ctx.push_observations(obs)
             for name, rows in groups.items():
@@ -145,11 +143,4 @@ def run_episodes(
             lengths[running] += 1
             running &= ~ended
             bar.update(1)
-    finally:
-        bar.close()
-        if current != before:
-            agent.use_adapter(before)
-        for p, flag in zip(model.parameters(), trainable, strict=True):
-            p.requires_grad_(flag)
-        model.train(was_training)
     return {"successes": successes, "returns": returns, "lengths": lengths}

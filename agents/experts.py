@@ -355,6 +355,3 @@ def _last_episodes(traj: Trajectories, n: int) -> Trajectories:
         successes=traj.successes[lo:],
         episode_offsets=(off - lo).astype(np.int64),
     )
-
-
-COLLECTORS = {"scripted": ScriptedCollector, "sac": SACCollector}

@@ -48,10 +48,18 @@ from eva_rl.eva import (
     dt_forward_and_mask,
     log_eva,
 )
-from eva_rl.logging import RunLogger
 from eva_rl.metrics import success_auc
 from eva_rl.schema import check_known_fields
-from eva_rl.training import Callback, StepHook, TrainConfig, Trainer, list_checkpoints
+from eva_rl.state import preserve_model_state
+from eva_rl.tensorboard import RunLogger
+from eva_rl.training import (
+    Callback,
+    StepHook,
+    TrainConfig,
+    Trainer,
+    default_target_return,
+    list_checkpoints,
+)
 from eva_rl.training.trainer import TB_DIR
 
 logger = logging.getLogger(__name__)
@@ -230,10 +238,9 @@ class SuccessCurve(Callback):
         if self.curve and self.curve[-1][0] >= step:
             return
         t0 = time.perf_counter()
-        was_training = trainer.model.training
-        trainer.model.eval()
-        res = self.evaluate_fn()
-        trainer.model.train(was_training)
+        with preserve_model_state(trainer.model):
+            trainer.model.eval()
+            res = self.evaluate_fn()
         seconds = time.perf_counter() - t0
         self.eval_seconds += seconds
         self.session_eval_seconds += seconds
@@ -388,7 +395,7 @@ def finetune_task(
     task_dir = Path(task_dir)
     t_start = time.perf_counter()
     s = finetune_seed(seed, index)
-    target = float(np.max(dataset.episode_returns))
+    target = default_target_return(dataset)
     agent.set_task(task, target_return=agent.target_returns.get(task, target))
     trainable, eva_seconds, ranks, eva_result = attach_method(
         agent, task, dataset, method, config, s, task_dir)

@@ -50,7 +50,14 @@ from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
 from eva_rl.io import read_versioned_json
 from eva_rl.progress import progress_bar
-from eva_rl.training import load_weights, read_run_config, resolve_device, save_weights
+from eva_rl.training import (
+    WEIGHTS_FILE,
+    default_target_return,
+    load_weights,
+    read_run_config,
+    resolve_device,
+    save_weights,
+)
 
 if TYPE_CHECKING:
     from agents.executors import Executor
@@ -119,7 +126,7 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     is missing or whose dimensions do not match the data, or for missing task data."""
     cfg = read_run_config(exp.pretrained)  # CheckpointError (a ValueError) if unusable
     model = cfg["model"]
-    if not (Path(exp.pretrained) / "model.safetensors").is_file():
+    if not (Path(exp.pretrained) / WEIGHTS_FILE).is_file():
         raise ValueError(f"{exp.pretrained}: no model.safetensors (pretraining unfinished?)")
     datasets = open_datasets(exp.data, dict.fromkeys(exp.tasks))  # DatasetError names the dir
     for task, ds in datasets.items():
@@ -324,7 +331,7 @@ def load_agent(exp: Experiment, datasets: Mapping[str, TrajectoryDataset]) -> DT
     """The pretrained agent, with a target return for every task (its dataset's maximum)."""
     agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.train.device))
     for task, ds in datasets.items():
-        agent.target_returns.setdefault(task, float(ds.episode_returns.max()))
+        agent.target_returns.setdefault(task, default_target_return(ds))
     return agent
 
 

@@ -2,7 +2,7 @@
 
 from envs.factory import make_env, make_vec_env
 from envs.suites import CW10, CW20, MT40, MT50, SUITES, resolve_task, resolve_tasks
-from envs.wrappers import MetaWorldAdapter, final_step_infos
+from envs.wrappers import MetaWorldWrapper, final_step_infos
 
 __all__ = [
     "CW10",
@@ -10,7 +10,7 @@ __all__ = [
     "MT40",
     "MT50",
     "SUITES",
-    "MetaWorldAdapter",
+    "MetaWorldWrapper",
     "final_step_infos",
     "make_env",
     "make_vec_env",

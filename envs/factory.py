@@ -18,7 +18,7 @@ import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
 from envs.suites import resolve_task, resolve_tasks
-from envs.wrappers import MetaWorldAdapter
+from envs.wrappers import MetaWorldWrapper
 
 # keyword arguments of the Meta-World task classes that make_env passes through
 _ENV_KWARGS = frozenset(
@@ -38,7 +38,7 @@ def make_env(
     Observations float32 (39,) with the goal visible, actions float32 (4,) in [-1, 1],
     episodes truncated after ``max_episode_steps`` (200, as in Continual World),
     ``info["success"]`` / ``info["is_success"]`` on every step (see
-    :class:`envs.wrappers.MetaWorldAdapter`). The same ``seed`` gives the same goal and
+    :class:`envs.wrappers.MetaWorldWrapper`). The same ``seed`` gives the same goal and
     object positions and, for the same actions, the same trajectories; ``seed=None`` draws
     a fresh one. ``kwargs`` go to the Meta-World task class: ``reward_function_version``
     (``"v2"`` default), ``render_mode``, ``camera_name``, ``camera_id``, ``width``,
@@ -65,7 +65,7 @@ def make_env(
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     base.seed(int(seed))
 
-    env: gym.Env = MetaWorldAdapter(base, terminate_on_success=terminate_on_success)
+    env: gym.Env = MetaWorldWrapper(base, terminate_on_success=terminate_on_success)
     env = gym.wrappers.OrderEnforcing(env)
     env = gym.wrappers.TimeLimit(env, max_episode_steps=int(max_episode_steps))
     return env

@@ -1,6 +1,6 @@
 """Wrappers that turn a raw Meta-World env into a well-behaved gymnasium env.
 
-:class:`MetaWorldAdapter` fixes what Meta-World 3.1 leaves to the user: float32
+:class:`MetaWorldWrapper` fixes what Meta-World 3.1 leaves to the user: float32
 observations inside a truthful observation space (so gymnasium's checker has nothing to
 warn about), ``reset(seed=...)`` that really reseeds, and success flags that
 Stable-Baselines3 and the Continual World convention both read.
@@ -32,7 +32,7 @@ def observation_space() -> gym.spaces.Box:
     return gym.spaces.Box(low, high, dtype=np.float32)
 
 
-class MetaWorldAdapter(gym.Wrapper):
+class MetaWorldWrapper(gym.Wrapper):
     """Float32 observations, real reseeding on ``reset(seed=s)`` and success flags.
 
     - ``reset(seed=s)`` calls Meta-World's ``env.seed(s)`` (Meta-World itself ignores the

@@ -1,8 +1,8 @@
 r"""Evaluate a pretrained (or fine-tuned) run: success rate per task, batched rollouts.
 
 Loads the run directory with `DTAgent.load` (base model plus any task adapters under
-`RUN/adapters/<task>/`), runs `--episodes` episodes per task in parallel envs and prints a
-table; `--out` also writes the results as JSON.
+`RUN/adapters/<task>/`; the format is `eva_rl.training.run`'s), runs `--episodes` episodes
+per task in parallel envs and prints a table; `--out` also writes the results as JSON.
 
 Example:
     python scripts/evaluate.py --run runs/pretrain-small --tasks MT40 --episodes 10 \
@@ -21,11 +21,13 @@ import torch
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from eva_rl.io import write_json_atomic
+from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run directory (config.json, model.safetensors)")
+    p.add_argument("--run", required=True,
+                   help=f"run directory ({CONFIG_FILE}, {WEIGHTS_FILE}, {ADAPTERS_DIR}/<task>/)")
     p.add_argument("--tasks", required=True, nargs="+",
                    help="suite names (CW10, MT40, ...) and/or task names")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
@@ -48,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    agent = DTAgent.load(args.run, device=args.device)
-    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
-    results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                       max_episode_steps=args.max_steps)
+    try:
+        agent = DTAgent.load(args.run, device=args.device)
+        tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+        results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
+                           max_episode_steps=args.max_steps)
+    except ValueError as err:  # an unusable run (CheckpointError), unknown task, no target
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     width = max(len(t) for t in results)
     print(f"{'task':<{width}}  success  mean return  mean length  adapter")
     for task, r in results.items():

@@ -2,7 +2,7 @@
 
 1. collect a small scripted-expert dataset (noise spread 0-0.5) for a few MT40 tasks and
    two CW10 tasks;
-2. pretrain a tiny Decision Transformer on the MT40 part (scripts/pretrain.py);
+2. pretrain a tiny Decision Transformer on the MT40 part (`eva_rl.training.pretrain`);
 3. fine-tune `lora`, `eva` and `eva_dora` sequentially on the two CW10 tasks, evaluate
    after each task (success matrix), and write the report, plots and tensorboard logs.
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,8 +30,8 @@ from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.io import write_json_atomic
+from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain, pretrain_train_config
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v3",
                   "plate-slide-v3", "window-open-v3")
 FINETUNE_TASKS = ("faucet-close-v3", "window-close-v3")
@@ -52,24 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pretrain(data: Path, out: Path, steps: int, seed: int, threads: int, quiet: bool) -> float:
-    """Run scripts/pretrain.py (skipped when finished, resumed when interrupted)."""
-    if (out / "model.safetensors").is_file():
+def pretrain_base(data: Path, out: Path, steps: int, seed: int, quiet: bool) -> float:
+    """Pretrain the tiny DT (skipped when finished, resumed when interrupted); seconds."""
+    if (out / WEIGHTS_FILE).is_file():
         print(f"[2/3] pretrained model exists: {out}")
         return 0.0
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--data", str(data),
-           "--tasks", ",".join(PRETRAIN_TASKS), "--preset", "tiny", "--steps", str(steps),
-           "--batch-size", "64", "--lr", "1e-3", "--checkpoint-every", "500", "--seed",
-           str(seed), "--out", str(out), "--device", "cpu"]
-    if (out / "checkpoints").is_dir():
-        cmd.append("--resume")
-    if quiet:
-        cmd.append("--no-progress")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    config = PretrainConfig(preset="tiny", train=pretrain_train_config(
+        steps, batch_size=64, lr=1e-3, checkpoint_every=500, seed=seed, device="cpu",
+        progress=not quiet))
     print(f"[2/3] pretraining a tiny DT for {steps} steps ...")
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
-    return time.perf_counter() - t0
+    result = pretrain(data, PRETRAIN_TASKS, out, config, resume=True)
+    if result.history:
+        print(f"      loss {result.history[-1][1]:.4f} after {result.history[-1][0]} updates")
+    return result.seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      {s.task:<20} {s.status:<9} {s.n_episodes} episodes, "
               f"success {s.success_rate:.2f}, mean return {s.mean_return:.0f}")
 
-    times["pretrain"] = pretrain(data, pre, args.pretrain_steps, args.seed, args.threads,
-                                 args.no_progress)
+    times["pretrain"] = pretrain_base(data, pre, args.pretrain_steps, args.seed,
+                                      args.no_progress)
 
     config = get_config("quick").replace(steps=args.steps, device="cpu",
                                          progress=not args.no_progress)

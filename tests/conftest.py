@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+# scripts' `main(argv)` are tested in-process as `import export_peft`, `import bench_peft`
+# (the benchmark scripts import their shared helpers as `common`)
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path[:0] = [str(_SCRIPTS), str(_SCRIPTS / "bench")]
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +32,17 @@ def one_thread() -> Iterator[None]:
 def setup(tmp_path_factory):
     """Scripted-expert data for `helpers.TASKS` and a tiny DT pretrained on it:
     ``(root, data_dir, pretrained_dir)``, made once per test session."""
-    from helpers import TASKS, load_script
+    from helpers import TASKS
 
     from agents.collection import collect_datasets
     from agents.experts import ScriptedCollector
+    from eva_rl.training import PretrainConfig, pretrain, pretrain_train_config
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
     collect_datasets(TASKS, ScriptedCollector(noise=(0.0, 0.3), max_episode_steps=30), 2, data,
                      progress=False)
     pre = root / "pre"
-    load_script("pretrain").main(["--data", str(data), "--tasks", ",".join(TASKS), "--preset",
-                                  "tiny", "--steps", "6", "--batch-size", "8", "--out",
-                                  str(pre), "--no-progress", "--checkpoint-every", "0"])
+    pretrain(data, TASKS, pre, PretrainConfig(preset="tiny", train=pretrain_train_config(
+        6, batch_size=8, checkpoint_every=0, progress=False)))
     return root, data, pre

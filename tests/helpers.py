@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str) -> ModuleType:
-    """Import ``scripts/<name>.py`` as a fresh module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_script(name: str, argv: Sequence[str], timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>.py argv...`` as a user would (a fresh interpreter, one torch
+    thread), from the repository root; returns the finished process with its text output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------- tiny fine-tuning experiments

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from eva_rl.adapters import (
-    METHODS,
+    ADAPTER_KINDS,
     AdapterConfig,
     AdapterLinear,
     active_adapter,
@@ -95,7 +95,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, seed: int = 0
 # --- initialisation --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_KINDS)
 def test_fresh_adapter_keeps_the_output_and_base(model: Tiny, x: torch.Tensor, method: str) -> None:
     y0 = model(x)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -374,7 +374,7 @@ def test_weight_driven_offset_inside_the_adapter(model: Tiny, method: str) -> No
 # --- merge ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTER_KINDS)
 def test_merge_unmerge_exact(model: Tiny, x: torch.Tensor, method: str) -> None:
     add_adapter(model, "other", AdapterConfig())
     add_adapter(model, "t", AdapterConfig(method=method, rank=3, rank_pattern={"*.fc_out": 0}))
@@ -471,7 +471,7 @@ def test_ten_task_adapters_save_and_reload(model: Tiny, x: torch.Tensor, tmp_pat
     outputs = {}
     for i in range(10):
         name = f"task-{i}"
-        method = METHODS[i % len(METHODS)]
+        method = ADAPTER_KINDS[i % len(ADAPTER_KINDS)]
         rp = {BLOCK_PATHS[i % 4]: 0, "blocks.1.fc_in": 1 + i % 3}
         add_adapter(model, name, AdapterConfig(method=method, rank=2 + i % 2, rank_pattern=rp))
         train_steps(model, x, steps=2, seed=i)

@@ -1,7 +1,7 @@
 """Smoke run of scripts/bench/bench_executors.py on tiny sizes (so a refactor cannot break it)."""
 
+import bench_executors
 import pytest
-from helpers import load_script
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_executors_prints_its_figures(setup, capsys):
     _, data, pre = setup
-    rc = load_script("bench/bench_executors").main(
+    rc = bench_executors.main(
         ["--data", str(data), "--pretrained", str(pre), "--steps", "2", "--eval-episodes", "1",
          "--max-episode-steps", "15", "--dispatch-tasks", "2"])
     out = capsys.readouterr().out

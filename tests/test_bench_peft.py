@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+import bench_peft
 import pytest
-from helpers import load_script
 
 pytest.importorskip("peft")
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_peft_prints_times_and_per_kind_differences(capsys):
-    assert load_script("bench/bench_peft").main(["--preset", "tiny", "--rank", "2",
+    assert bench_peft.main(["--preset", "tiny", "--rank", "2",
                                                  "--repeats", "1"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"10 CW10 dora adapters: export \d+\.\d+ s .* PEFT load \d+\.\d+ s", text)

@@ -2,17 +2,15 @@
 
 import dataclasses
 import os
-import runpy
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, run_script
 
-from agents.collection import collect_datasets, collection_metadata, task_seed
+from agents.collection import collect_datasets, collection_metadata, collection_seed
 from agents.experts import (
     SACCollector,
     ScriptedCollector,
@@ -22,7 +20,6 @@ from agents.experts import (
 from envs import make_env
 from eva_rl.data import DatasetError, open_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 H = 40  # short episodes keep the tests fast
 
 
@@ -108,6 +105,7 @@ def test_bad_collector_settings(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_sac_replay_buffer_trajectories_are_the_real_transitions():
     pytest.importorskip("stable_baselines3")
     sac = SACCollector(
@@ -146,10 +144,8 @@ TASKS = ["reach", "push", "window-close"]
 EPISODES = 4
 
 
-def _collect_cmd(out):
+def _collect_args(out):
     return [
-        sys.executable,
-        str(ROOT / "scripts" / "collect.py"),
         "--tasks",
         ",".join(TASKS),
         "--episodes",
@@ -177,6 +173,7 @@ def reference(tmp_path_factory):
     return out, summaries
 
 
+@pytest.mark.slow
 def test_collect_datasets_writes_manifests(reference):
     out, summaries = reference
     assert [s.task for s in summaries] == [f"{t}-v3" for t in TASKS]
@@ -185,30 +182,46 @@ def test_collect_datasets_writes_manifests(reference):
     assert ds.n_episodes == EPISODES and ds.n_transitions == EPISODES * H
     m = ds.manifest
     assert m["collector"] == "scripted" and m["noise"] == [0.0, 0.2] and m["epsilon"] == [0, 0.1]
-    assert m["seed"] == 3 and m["task_seed"] == task_seed(3, "push-v3")
+    assert m["seed"] == 3 and m["collection_seed"] == collection_seed(3, "push-v3")
     assert set(m["package_versions"]) >= {"metaworld", "mujoco", "gymnasium", "numpy"}
     assert summaries[1].mean_return == pytest.approx(ds.episode_returns.mean())
 
 
+# A collection that SIGKILLs itself right after the first array file of the second task's
+# dataset is on disk: the first task is finished, the second half-written, the third not begun.
+_KILLED_COLLECTION = """
+import os, signal
+from agents.collection import collect_datasets
+from agents.experts import ScriptedCollector
+from eva_rl.data import format as fmt
+
+real = fmt._write_file
+def write_then_die(path, write):
+    real(path, write)
+    if "{victim}" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # as hard as an interruption gets
+fmt._write_file = write_then_die
+collector = ScriptedCollector(noise=(0, 0.2), epsilon=(0, 0.1), max_episode_steps={H})
+collect_datasets({tasks!r}, collector, {episodes}, {out!r}, seed=3, progress=False)
+"""
+
+
+@pytest.mark.slow
 def test_interrupted_collection_resumes_without_loss_or_duplicates(reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _collect_cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while not (out / "reach-v3" / "manifest.json").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline, "collection never finished its first task"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # as hard as an interruption gets
-    proc.wait()
+    victim = f"{TASKS[1]}-v3"
+    code = _KILLED_COLLECTION.format(victim=victim, H=H, tasks=TASKS, episodes=EPISODES,
+                                     out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     finished = {p.name for p in out.iterdir() if (p / "manifest.json").exists()}
-    missing = [f"{t}-v3" for t in TASKS if f"{t}-v3" not in finished]
-    assert missing, "the run ended before it could be interrupted"
-    # what a kill during a write leaves: a half-written temporary directory
-    half = out / f".{missing[-1]}.tmp-99999-deadbeef"
-    half.mkdir(exist_ok=True)
-    (half / "observations.npy").write_bytes(b"\x93NUMPY partial")
+    assert finished == {f"{TASKS[0]}-v3"}
+    missing = [f"{t}-v3" for t in TASKS[1:]]
+    # the kill left the second task's dataset half-written under a temporary name
+    half = [p for p in out.iterdir() if p.name.startswith(f".{victim}.tmp-")]
+    assert len(half) == 1 and [f.suffix for f in half[0].iterdir()] == [".npy"]
     before = {t: (out / t / "observations.npy").stat().st_mtime_ns for t in finished}
 
     collector = ScriptedCollector(noise=(0, 0.2), epsilon=(0, 0.1), max_episode_steps=H)
@@ -224,6 +237,7 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(reference, tm
         _assert_same(open_dataset(out / t), open_dataset(ref_out / t))
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_foreign_dirs(reference, tmp_path):
     ref_out, _ = reference
     other = ScriptedCollector(noise=(0.5,), max_episode_steps=H)
@@ -240,11 +254,12 @@ def test_resume_refuses_other_settings_and_foreign_dirs(reference, tmp_path):
     assert (tmp_path / "reach-v3" / "notes.txt").read_text() == "mine"
 
 
-def test_collect_script_prints_summary(reference, capsys, monkeypatch):
+@pytest.mark.slow
+def test_collect_script_prints_summary(reference):
     ref_out, _ = reference
-    monkeypatch.setattr(sys, "argv", _collect_cmd(ref_out)[1:])
-    runpy.run_path(str(ROOT / "scripts" / "collect.py"), run_name="__main__")
-    lines = capsys.readouterr().out.splitlines()
+    done = run_script("collect", _collect_args(ref_out))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert lines[0].split() == [
         "task",
         "status",

@@ -7,9 +7,10 @@ import copy
 import json
 from pathlib import Path
 
+import export_peft
 import pytest
 import torch
-from helpers import TASKS, experiment, load_script
+from helpers import TASKS, experiment
 
 from agents.dt_agent import DTAgent
 from agents.peft_export import export_run_adapters
@@ -65,7 +66,7 @@ def test_run_adapters_load_in_peft_with_our_outputs(finetuned, method, tmp_path)
 
 def test_export_script_and_its_errors(finetuned, tmp_path, capsys):
     run, _ = finetuned
-    main = load_script("export_peft").main
+    main = export_peft.main
     out = tmp_path / "exports"
     base = ["--run", str(run), "--out", str(out)]
 

@@ -1,19 +1,20 @@
 """Tiny end to end: scripted-expert data, a tiny pretrained DT, fine-tuning protocols,
-interruption + resume, and the bad-input errors of scripts/finetune.py."""
+interruption + resume, and the bad-input errors of `run_experiment` and scripts/finetune.py."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TASKS, Interrupt, comparable, experiment, load_script
+from helpers import TASKS, Interrupt, comparable, experiment, run_script, tiny_config
 
-from agents.protocols import run_experiment
+from agents.protocols import Experiment, run_experiment
+from eva_rl.data import DatasetError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
     exp = experiment(setup)
     full = run_experiment(exp, tmp_path / "full", report=False)
@@ -49,6 +50,7 @@ def test_sequential_interrupt_and_resume_matches(setup, tmp_path):
     assert saved["runs"][0]["success_matrix"] == run["success_matrix"]
 
 
+@pytest.mark.slow
 def test_single_fft_and_resume_with_other_settings(setup, tmp_path):
     exp = experiment(setup, protocol="single", methods=("fft", "lora"), eval_every=3,
                      eval_at_start=True, steps=3)
@@ -66,24 +68,22 @@ def test_single_fft_and_resume_with_other_settings(setup, tmp_path):
         run_experiment(other, tmp_path / "single", resume=True)
 
 
-def test_finetune_script_bad_input(setup, tmp_path, capsys):
+@pytest.mark.slow
+def test_bad_input_is_refused_before_anything_is_written(setup, tmp_path):
     root, data, pre = setup
-    main = load_script("finetune").main
-    base = ["--pretrained", str(pre), "--data", str(data), "--tasks", ",".join(TASKS),
-            "--config", "quick", "--steps", "2", "--eval-episodes", "1",
-            "--max-episode-steps", "10", "--no-progress"]
 
-    def error(argv):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-        return err
+    def exp(**kw):
+        args = {"pretrained": str(pre), "data": str(data), "tasks": TASKS,
+                "methods": ("lora",), "config": tiny_config(steps=2), **kw}
+        return Experiment(**args)
 
-    out = str(tmp_path / "run")
-    assert "valid methods: fft, lora" in error(base + ["--methods", "lorra", "--out", out])
-    assert "hamer" in error(base[:4] + ["--tasks", "hamer", "--methods", "lora", "--out", out])
-    assert "missing" in error(base[:4] + ["--tasks", "reach", "--methods", "lora", "--out", out])
-    assert not Path(out).exists()  # nothing written on bad input
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="valid methods: fft, lora"):
+        exp(methods=("lorra",))
+    with pytest.raises(ValueError, match="hamer"):
+        exp(tasks=("hamer",))
+    with pytest.raises(DatasetError, match="missing"):
+        run_experiment(exp(tasks=("reach",)), out)
     # a pretrained run whose dimensions do not fit the data
     bad = root / "bad-pre"
     bad.mkdir(exist_ok=True)
@@ -91,21 +91,33 @@ def test_finetune_script_bad_input(setup, tmp_path, capsys):
     cfg["model"]["state_dim"] = 12
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes((pre / "model.safetensors").read_bytes())
-    argv = base + ["--methods", "lora", "--out", out]
-    argv[1] = str(bad)
-    assert "dims" in error(argv)
-    # an existing run directory without --resume / --overwrite
-    Path(out).mkdir()
-    (Path(out) / "keep.txt").write_text("precious")
-    assert "--resume" in error(base + ["--methods", "lora", "--out", out, "--tasks", TASKS[0]])
-    assert (Path(out) / "keep.txt").read_text() == "precious"
-    # --overwrite moves the old run aside instead of deleting it
-    assert main(base + ["--methods", "lora", "--out", out, "--tasks", TASKS[0],
-                        "--overwrite"]) == 0
-    capsys.readouterr()
+    with pytest.raises(ValueError, match="dims"):
+        run_experiment(exp(pretrained=str(bad)), out)
+    assert not out.exists()  # nothing written on bad input
+    # an existing run directory without resume / overwrite
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_experiment(exp(tasks=TASKS[:1]), out)
+    assert (out / "keep.txt").read_text() == "precious"
+    # overwrite moves the old run aside instead of deleting it
+    run_experiment(exp(tasks=TASKS[:1]), out, overwrite=True)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "precious"
-    assert (Path(out) / "report.md").is_file()
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_script_reports_bad_input_in_one_line(setup, tmp_path):
+    _, data, pre = setup
+    out = tmp_path / "run"
+    done = run_script("finetune", [
+        "--pretrained", str(pre), "--data", str(data), "--tasks", ",".join(TASKS),
+        "--methods", "lorra", "--config", "quick", "--no-progress", "--out", str(out)])
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and "\n" not in err and "valid methods: fft, lora" in err
+    assert not out.exists()
 
 
 def test_method_registry():
@@ -120,6 +132,7 @@ def test_method_registry():
         get_method("evaa")
 
 
+@pytest.mark.slow
 def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     """Each method's initialisation leaves the model's predictions unchanged (B = 0, or the
     PiSSA/OLoRA offset), trains only what it should, and EVA-reverse picks other components."""
@@ -164,6 +177,7 @@ def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     assert captured(low, reverse=True) < 0.5 * captured(top, reverse=False)
 
 
+@pytest.mark.slow
 def test_sequential_fft_resume_restores_the_previous_task_weights(setup, tmp_path):
     exp = experiment(setup, methods=("fft",), steps=2, checkpoint_every=1, log_every=1)
     full = run_experiment(exp, tmp_path / "full", report=False)

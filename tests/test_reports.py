@@ -209,33 +209,31 @@ def test_terminal_table(summary):
     assert "0.60 [n/a (1 seed)]" in text and "(n/a: with one seed per task" in text
 
 
-def test_report_script_combines_runs(results, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.slow
+def test_report_script_combines_runs(results, tmp_path):
+    from helpers import run_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
-    spec = importlib.util.spec_from_file_location("report_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     single, seq = reports.empty_results(), reports.empty_results()
     single["runs"] = [r for r in results["runs"] if r["protocol"] == "single"]
     seq["runs"] = [r for r in results["runs"] if r["protocol"] == "sequential"]
     reports.write_json(tmp_path / "a" / "results.json", single)
     reports.write_json(tmp_path / "b" / "results.json", seq)
-    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c"),
-                        "--no-tensorboard", "--bootstrap-reps", str(REPS)]) == 0
+    done = run_script("report", [str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                                 str(tmp_path / "c"), "--no-tensorboard", "--bootstrap-reps",
+                                 str(REPS)])
+    assert done.returncode == 0, done.stderr
     md = (tmp_path / "c" / "report.md").read_text()
     assert "`single` protocol" in md and "`sequential` protocol" in md
     # forward transfer is computed once the single runs sit next to the sequential ones
     merged = reports.load_results(tmp_path / "c")
     assert reports.summarize(merged, bootstrap_reps=REPS)["sequential"]["lora"][
         "forward_transfer"] is not None
-    assert "IQM [95% CI]" in capsys.readouterr().out
-    assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
-    assert "no results.json" in capsys.readouterr().err
-    assert script.main([str(tmp_path / "a"), "--out", str(tmp_path / "e"),
-                        "--bootstrap-reps", "0"]) == 2
-    assert "--bootstrap-reps must be positive" in capsys.readouterr().err
+    assert "IQM [95% CI]" in done.stdout
+    missing = run_script("report", [str(tmp_path / "missing"), "--out", str(tmp_path / "d")])
+    assert missing.returncode == 2 and "no results.json" in missing.stderr
+    zero = run_script("report", [str(tmp_path / "a"), "--out", str(tmp_path / "e"),
+                                 "--bootstrap-reps", "0"])
+    assert zero.returncode == 2 and "--bootstrap-reps must be positive" in zero.stderr
 
 
 def test_comparison_in_summary_by_hand():

@@ -1,28 +1,35 @@
-"""Trainer, schedule, checkpoints, exact resume, DDP, run directories, pretrain script."""
+"""Trainer, schedule, checkpoints, exact resume, DDP, run directories, pretraining."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import load_script
+from helpers import run_script
 
 from eva_rl.data import WindowSampler, open_datasets, write_dataset
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.training import (
+    WEIGHTS_FILE,
     CheckpointError,
+    PretrainConfig,
     TrainConfig,
     Trainer,
     build_optimizer,
+    default_target_returns,
     list_checkpoints,
     load_weights,
     lr_at,
+    pretrain,
+    pretrain_train_config,
     read_run_config,
     save_weights,
     write_run_config,
 )
+from eva_rl.training.pretraining import pretrain_warmup
 
 TASKS = ("reach-v3", "door-open-v3")
 OBS, ACT = 6, 2
@@ -222,6 +229,7 @@ def _ddp_worker(rank: int, world: int, init: str, data_root: str, out: str) -> N
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(data_root, tmp_path):
     init = f"file://{tmp_path / 'store'}"
     mp.start_processes(_ddp_worker, args=(2, init, str(data_root), str(tmp_path)), nprocs=2,
@@ -236,25 +244,57 @@ def test_ddp_two_processes_match_one(data_root, tmp_path):
         torch.testing.assert_close(other.state_dict()[k], v, rtol=1e-4, atol=1e-6)
 
 
-def test_pretrain_script_writes_run_dir_and_refuses_overwrite(data_root, tmp_path):
-    pretrain = load_script("pretrain").main
+@pytest.mark.slow
+def test_pretrain_writes_run_dir_resumes_exactly_and_refuses_bad_input(data_root, tmp_path):
+    def config(steps, **train):
+        return PretrainConfig(preset="tiny", train=pretrain_train_config(
+            steps, batch_size=8, checkpoint_every=2, progress=False, device="cpu", **train))
+
     out = tmp_path / "run"
-    common = ["--data", str(data_root), "--tasks", ",".join(TASKS), "--preset", "tiny",
-              "--batch-size", "8", "--no-progress"]
-    pretrain([*common, "--steps", "4", "--checkpoint-every", "2", "--out", str(out)])
-    config = read_run_config(out)
-    assert config["tasks"] == list(TASKS) and config["model"]["state_dim"] == OBS
+    pretrain(data_root, TASKS, out, config(4))
+    saved = read_run_config(out)
+    assert saved["tasks"] == list(TASKS) and saved["model"]["state_dim"] == OBS
+    assert saved["train"]["warmup_steps"] == pretrain_warmup(4) == 0
+    assert saved["train"]["lr"] == pretrain_train_config().lr == 3e-4
     datasets = open_datasets(data_root, TASKS)
+    assert saved["target_returns"] == default_target_returns(datasets)
     for task in TASKS:
-        assert config["target_returns"][task] == pytest.approx(
+        assert saved["target_returns"][task] == pytest.approx(
             float(datasets[task].episode_returns.max()))
-    model = DecisionTransformer(DTConfig.from_dict(config["model"]))
-    load_weights(model, out / "model.safetensors")
-    with pytest.raises(SystemExit, match="already exists"):
-        pretrain([*common, "--steps", "4", "--out", str(out)])
-    pretrain([*common, "--steps", "6", "--out", str(out), "--resume"])
+    model = DecisionTransformer(DTConfig.from_dict(saved["model"]))
+    load_weights(model, out / WEIGHTS_FILE)
+    with pytest.raises(FileExistsError, match="already exists"):
+        pretrain(data_root, TASKS, out, config(4))
+    # continuing to 6 updates (other settings given are ignored: the run's are kept)
+    more = pretrain(data_root, TASKS, out, config(6, lr=1e-2), resume=True)
     assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6]
-    other = synthetic_data(tmp_path / "wider", obs_dim=OBS + 1)
-    common[1] = str(other)
-    with pytest.raises(SystemExit, match=f"state_dim={OBS}.*obs_dim={OBS + 1}"):
-        pretrain([*common, "--steps", "8", "--out", str(out), "--resume"])
+    assert [h[0] for h in more.history] == [1, 2, 3, 4, 5, 6]
+    assert read_run_config(out)["train"]["lr"] == 3e-4
+    # a run cut after its checkpoint at 4 (of 6) resumes to exactly the uninterrupted one
+    straight = pretrain(data_root, TASKS, tmp_path / "straight", config(6))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)
+    (cut / WEIGHTS_FILE).unlink()
+    shutil.rmtree(dict(list_checkpoints(cut))[6])
+    resumed = pretrain(data_root, TASKS, cut, config(6), resume=True)
+    assert [h[0] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for k, v in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+    wider = synthetic_data(tmp_path / "wider", obs_dim=OBS + 1)
+    with pytest.raises(ValueError, match=f"state_dim={OBS}.*obs_dim={OBS + 1}"):
+        pretrain(wider, TASKS, out, config(8), resume=True)
+
+
+@pytest.mark.slow
+def test_pretrain_script_runs_and_reports_bad_input_in_one_line(data_root, tmp_path):
+    out = tmp_path / "cli"
+    argv = ["--data", str(data_root), "--tasks", ",".join(TASKS), "--preset", "tiny",
+            "--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out)]
+    done = run_script("pretrain", argv)
+    assert done.returncode == 0, done.stderr
+    assert "step 2: loss" in done.stdout and (out / WEIGHTS_FILE).is_file()
+    again = run_script("pretrain", argv)
+    err = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and err[-1].startswith("error: ")
+    assert "already exists" in err[-1] and "--resume" in err[-1]
+    assert "Traceback" not in again.stderr

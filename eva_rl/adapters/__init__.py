@@ -14,7 +14,7 @@ from eva_rl.adapters.adalora import (
     AdaLoraStep,
     orthogonal_regularization,
 )
-from eva_rl.adapters.config import DEFAULT_TARGETS, METHODS, AdapterConfig
+from eva_rl.adapters.config import ADAPTER_KINDS, DEFAULT_TARGETS, AdapterConfig
 from eva_rl.adapters.layer import AdapterLinear
 from eva_rl.adapters.model import (
     active_adapter,
@@ -33,8 +33,8 @@ from eva_rl.adapters.saving import load_adapter, save_adapter
 from eva_rl.adapters.variants import VARIANTS, dora_weight_norm
 
 __all__ = [
+    "ADAPTER_KINDS",
     "DEFAULT_TARGETS",
-    "METHODS",
     "VARIANTS",
     "AdaLoraAllocator",
     "AdaLoraSchedule",

@@ -10,7 +10,7 @@ from typing import Any
 
 from eva_rl.schema import check_known_fields
 
-METHODS = ("lora", "dora", "pissa", "olora", "adalora")
+ADAPTER_KINDS = ("lora", "dora", "pissa", "olora", "adalora")
 """Adapter kinds `add_adapter` accepts (full fine-tuning is `prepare_full_finetuning`)."""
 
 DEFAULT_TARGETS = ("blocks.*",)
@@ -50,8 +50,10 @@ class AdapterConfig:
     """Rank-stabilised scaling `alpha / sqrt(rank)` (Kalajdzievski 2023)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown adapter method {self.method!r}; expected one of {METHODS}")
+        if self.method not in ADAPTER_KINDS:
+            raise ValueError(
+                f"unknown adapter method {self.method!r}; expected one of {ADAPTER_KINDS}"
+            )
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
         self.target_modules = tuple(self.target_modules)

@@ -6,7 +6,8 @@
 """
 
 from eva_rl.eva.allocation import allocate_ranks, rescale_alpha
-from eva_rl.eva.core import EvaConfig, EvaResult, apply_eva, compute_eva
+from eva_rl.eva.config import EvaConfig
+from eva_rl.eva.core import apply_eva, compute_eva
 from eva_rl.eva.hooks import (
     ActivationCollector,
     default_forward,
@@ -15,7 +16,8 @@ from eva_rl.eva.hooks import (
     find_target_layers,
 )
 from eva_rl.eva.incremental_svd import IncrementalSVD, choose_solver, partial_fit_many
-from eva_rl.eva.logging import log_eva
+from eva_rl.eva.result import EvaResult
+from eva_rl.eva.tensorboard import log_eva
 
 __all__ = [
     "ActivationCollector",

@@ -1,7 +1,15 @@
-"""Run directories: ``config.json`` and safetensors weights, written atomically.
+"""The run-directory format: what pretraining writes and `DTAgent.load` reads.
 
-A pretraining run directory holds ``config.json`` (see docs/CONTRACTS.md, "Run
-directory"), ``model.safetensors`` (final weights), ``tb/`` and ``checkpoints/``.
+    RUN/config.json          `write_run_config` / `read_run_config`: format, version and the
+                             RUN_KEYS (model, train, tasks, data, state_mean, state_std,
+                             target_returns), plus any extra keys the writer adds
+    RUN/model.safetensors    WEIGHTS_FILE: the base model's final weights
+    RUN/adapters/<task>/     ADAPTERS_DIR: task adapters (`eva_rl.adapters.save_adapter`)
+    RUN/tb/, RUN/checkpoints/  the Trainer's tensorboard events and checkpoints
+
+A task's target return (the return-to-go the agent conditions on) is, by default, the
+largest episode return in that task's dataset: `default_target_return`. Every file is
+written under a temporary name and renamed (docs/CONTRACTS.md, "Run directory").
 """
 
 from __future__ import annotations
@@ -10,16 +18,16 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
+from eva_rl.io import atomic_write, read_versioned_json, to_json_safe, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +35,13 @@ RUN_FORMAT = "eva-rl-run"
 RUN_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_REQUIRED = ("model", "train", "tasks", "data", "state_mean", "state_std", "target_returns")
+ADAPTERS_DIR = "adapters"
+RUN_KEYS = ("model", "train", "tasks", "data", "state_mean", "state_std", "target_returns")
+"""The keys every run config has (besides ``format`` and ``version``)."""
 
 
 class CheckpointError(ValueError):
     """A run, weights or checkpoint file is missing, corrupt, or does not fit the model."""
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses, tuples and numpy/torch arrays -> JSON-able values."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return value.to_dict() if hasattr(value, "to_dict") else asdict(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def write_run_config(
@@ -68,7 +65,7 @@ def write_run_config(
     path = Path(run_dir) / CONFIG_FILE
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    mean, std = [float(x) for x in _plain(state_mean)], [float(x) for x in _plain(state_std)]
+    mean, std = [float(x) for x in state_mean], [float(x) for x in state_std]
     if len(mean) != len(std):
         raise ValueError(f"state_mean has {len(mean)} values but state_std has {len(std)}")
     if not all(math.isfinite(x) for x in mean + std) or min(std, default=1.0) <= 0:
@@ -76,14 +73,14 @@ def write_run_config(
     config = {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
-        "model": _plain(model),
-        "train": _plain(train),
+        "model": to_json_safe(model),
+        "train": to_json_safe(train),
         "tasks": list(tasks),
         "data": str(data),
         "state_mean": mean,
         "state_std": std,
         "target_returns": {str(k): float(v) for k, v in target_returns.items()},
-        **{k: _plain(v) for k, v in extra.items()},
+        **{k: to_json_safe(v) for k, v in extra.items()},
     }
     return write_json_atomic(path, config)
 
@@ -94,12 +91,36 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     config = read_versioned_json(
         path, RUN_FORMAT, RUN_VERSION, "run config", error_cls=CheckpointError
     )
-    missing = [k for k in _REQUIRED if k not in config]
+    missing = [k for k in RUN_KEYS if k not in config]
     if missing:
         raise CheckpointError(f"{path}: run config lacks {missing}")
     if len(config["state_mean"]) != len(config["state_std"]):
         raise CheckpointError(f"{path}: state_mean and state_std differ in length")
     return config
+
+
+def default_target_return(dataset: Any) -> float:
+    """The return a task is conditioned on: its dataset's largest episode return.
+
+    ``dataset`` is a `TrajectoryDataset` (anything with ``episode_returns``)."""
+    returns = np.asarray(dataset.episode_returns)
+    if returns.size == 0:
+        raise ValueError(f"{getattr(dataset, 'path', dataset)}: no episodes, so no target return")
+    return float(returns.max())
+
+
+def default_target_returns(datasets: Mapping[str, Any]) -> dict[str, float]:
+    """`default_target_return` of every task's dataset, in the mapping's order."""
+    return {task: default_target_return(ds) for task, ds in datasets.items()}
+
+
+def adapter_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The saved task adapters of a run, ``RUN/adapters/<task>/``, sorted by name
+    (half-written ``.``-prefixed temporary directories are skipped)."""
+    root = Path(run_dir) / ADAPTERS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from eva_rl.io import to_json_safe
-from eva_rl.logging import RunLogger
 from eva_rl.progress import progress_bar
 from eva_rl.schema import check_known_fields
+from eva_rl.tensorboard import RunLogger
 from eva_rl.training import distributed
 from eva_rl.training.callbacks import Callback
 from eva_rl.training.checkpoint import (

@@ -16,13 +16,13 @@ the allocator's most expensive setting); printed as ms/update and the ratio to L
 
     .venv/bin/python scripts/bench/bench_adapters.py --presets small paper --repeats 5
     .venv/bin/python scripts/bench/bench_adapters.py --presets small --adalora --repeats 7
+    # smoke run (the test suite's): --presets tiny --repeats 1 --iters 1
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,24 +40,18 @@ from eva_rl.adapters import (
 from eva_rl.models.dt import DecisionTransformer, DTConfig
 from eva_rl.training.trainer import TrainConfig, build_optimizer
 
+from common import interleaved, median, random_dt_batch, set_threads, torch_line
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
 METHODS = ("lora", "dora", "pissa")
 DEFAULT_BATCH = {"tiny": 64, "small": 32, "paper": 4}  # paper: 4 x 200 tokens, CPU-sized
 
 
 def make_batch(cfg: DTConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A random sampler-like batch of full windows; states require grad (see module doc)."""
-    g = torch.Generator().manual_seed(seed)
-    B, K = batch_size, cfg.context_len
-    return {
-        "states": torch.randn(B, K, cfg.state_dim, generator=g).requires_grad_(True),
-        "actions": torch.rand(B, K, cfg.act_dim, generator=g) * 2 - 1,
-        "rewards": torch.randn(B, K, 1, generator=g),
-        "returns_to_go": torch.randn(B, K, 1, generator=g),
-        "timesteps": torch.randint(0, cfg.max_ep_len - K, (B, 1), generator=g)
-        + torch.arange(K),
-        "mask": torch.ones(B, K, dtype=torch.bool),
-    }
+    """A random batch of full windows; states require grad (see module doc)."""
+    batch = random_dt_batch(cfg, batch_size, seed)
+    batch["states"].requires_grad_(True)
+    return batch
 
 
 def peft_model(base: nn.Module, method: str, rank: int, alpha: float) -> nn.Module:
@@ -104,28 +98,20 @@ def time_variants(
 ) -> dict[str, list[float]]:
     """Per-repeat mean ms per `run(variant, batch)` of every variant, interleaved in a
     rotating order."""
-    names = list(variants)
-    for name in names:  # warm-up
-        run(variants[name], batch)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                run(variants[name], batch)
-            times[name].append((time.perf_counter() - t0) / iters * 1e3)
-    return times
+    fns = {name: lambda v=v: [run(v, batch) for _ in range(iters)]
+           for name, v in variants.items()}
+    wall, _ = interleaved(fns, repeats)
+    return {name: [t / iters * 1e3 for t in ts] for name, ts in wall.items()}
 
 
 def paired(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over repeats of time(a) / time(b) measured in the same repeat."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    return median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
 def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[float]]) -> None:
     """Print medians and paired (same-repeat) ratios."""
-    med = {n: statistics.median(t) for n, t in times.items()}
+    med = {n: median(t) for n, t in times.items()}
     print(f"\n## preset {preset}  (ratios: medians of same-repeat ratios)")
     print(f"{'variant':<12} {'trainable':>10} {'ms/step':>8} {'min-max ms':>15} {'/base':>6} "
           f"{'ours/peft':>9}")
@@ -138,7 +124,7 @@ def report(preset: str, variants: dict[str, nn.Module], times: dict[str, list[fl
               f"{paired(times, name, 'frozen base'):6.2f} {vs}")
     for impl in ("ours", "peft"):
         if f"{impl} dora" in med:
-            extra = statistics.median(
+            extra = median(
                 d - lo for d, lo in zip(times[f"{impl} dora"], times[f"{impl} lora"], strict=True)
             )
             print(f"DoRA over LoRA, {impl}: x{paired(times, f'{impl} dora', f'{impl} lora'):.3f}"
@@ -199,14 +185,14 @@ def bench_adalora(preset: str, base: DecisionTransformer, batch: dict[str, torch
           f"{'allocator ms':>12}")
     for name in names:
         u = updaters[name]
-        med = statistics.median(times[name])
+        med = median(times[name])
         alloc = f"{u.allocator_s / u.step * 1e3:12.2f}" if u.allocator is not None else ""
         print(f"{name:<28} {count_parameters(u.model, 't'):>8,} {med:9.1f} "
               f"{min(times[name]):7.1f}-{max(times[name]):<7.1f} "
               f"{paired(times, name, names[0]):6.2f} {alloc}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
     parser.add_argument("--batch", type=int, default=None,
@@ -221,12 +207,11 @@ def main() -> None:
     parser.add_argument("--adalora", action="store_true",
                         help="time whole updates of LoRA vs AdaLoRA (see the module doc)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
     what = "whole updates" if args.adalora else "fwd+bwd, no optimiser step"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"medians of {args.repeats} interleaved repeats x {args.iters} steps; {what}")
+    print(f"{torch_line()}; medians of {args.repeats} interleaved repeats x {args.iters} steps; "
+          f"{what}")
     for preset in args.presets:
         torch.manual_seed(args.seed)
         cfg = DTConfig.preset(preset, dropout=0.0)

@@ -1,4 +1,4 @@
-"""Benchmark expert-data collection; prints markdown tables of measured numbers.
+r"""Benchmark expert-data collection; prints markdown tables of measured numbers.
 
 Sections (pick with --sections, default all but sac):
   throughput  transitions/s of scripted collection per worker against the raw Meta-World
@@ -14,6 +14,10 @@ Example:
     python scripts/bench/bench_collect.py --sections throughput,scaling --repeats 3
     python scripts/bench/bench_collect.py --sections quality --episodes 10
     python scripts/bench/bench_collect.py --sections sac --sac-steps 2000 --tasks reach,push
+    # smoke run (the test suite's): tiny sizes, 20-step episodes
+    python scripts/bench/bench_collect.py --sections throughput,scaling,quality,sac \
+        --tasks reach --scaling-tasks reach,push --repeats 1 --episodes 1 \
+        --throughput-episodes 1 --scaling-episodes 1 --sac-steps 40 --max-episode-steps 20
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import tempfile
 import time
 import warnings
@@ -32,6 +35,8 @@ import numpy as np
 from agents.collection import collect_datasets
 from agents.experts import SACCollector, ScriptedCollector, ScriptedExpert, rollout
 from envs import make_env, resolve_tasks
+
+from common import NOISY, median
 
 SETTINGS = {  # label -> scripted collector settings of the quality table
     "noise 0": {"noise": (0.0,)},
@@ -54,29 +59,31 @@ def bare_rate(task: str, actions: np.ndarray, episodes: int, seed: int) -> float
     return actions[:episodes].shape[0] * actions.shape[1] / (time.perf_counter() - start)
 
 
-def collect_rates(task: str, episodes: int, seed: int) -> dict[str, float]:
+def collect_rates(task: str, episodes: int, seed: int, horizon: int) -> dict[str, float]:
     """Steps/s of: bare env with random actions; bare env replaying the expert's actions
     (same physics as collection, no policy); scripted collection on a built env; the whole
     ``ScriptedCollector.collect`` including env creation. Resets included in all."""
-    rand = np.random.default_rng(seed).uniform(-1, 1, (episodes, 200, 4)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    rand = rng.uniform(-1, 1, (episodes, horizon, 4)).astype(np.float32)
     out = {"raw random": bare_rate(task, rand, episodes, seed)}
-    env = make_env(task, seed=seed)
+    env = make_env(task, seed=seed, max_episode_steps=horizon)
     expert = ScriptedExpert(task, noise_std=0.1, seed=seed)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traj = rollout(env, expert.act, episodes)
     out["collection"] = len(traj.rewards) / (time.perf_counter() - start)
-    out["bare replay"] = bare_rate(task, traj.actions.reshape(episodes, 200, 4), episodes, seed)
+    out["bare replay"] = bare_rate(task, traj.actions.reshape(episodes, horizon, 4), episodes, seed)
     start = time.perf_counter()
-    whole = ScriptedCollector(noise=(0.1,)).collect(task, episodes, seed=seed)
+    whole = ScriptedCollector(noise=(0.1,), max_episode_steps=horizon).collect(
+        task, episodes, seed=seed)
     out["collect() incl. env creation"] = len(whole.rewards) / (time.perf_counter() - start)
     return out
 
 
-def bench_throughput(tasks, repeats, episodes) -> None:
+def bench_throughput(tasks, repeats, episodes, horizon) -> None:
     print(
-        f"\n### Throughput per worker ({episodes} episodes of 200 steps per run, "
+        f"\n### Throughput per worker ({episodes} episodes of {horizon} steps per run, "
         f"median of {repeats}, resets included)\n"
     )
     print(
@@ -92,18 +99,18 @@ def bench_throughput(tasks, repeats, episodes) -> None:
     print("|---|" + "---|" * (len(cols) + 2))
     vs_raw, vs_replay = [], []
     for task in tasks:
-        runs = [collect_rates(task, episodes, seed=r) for r in range(repeats)]  # interleaved
-        med = {c: statistics.median(run[c] for run in runs) for c in cols}
-        a = statistics.median(run["collection"] / run["raw random"] for run in runs)
-        b = statistics.median(run["collection"] / run["bare replay"] for run in runs)
+        runs = [collect_rates(task, episodes, r, horizon) for r in range(repeats)]  # interleaved
+        med = {c: median(run[c] for run in runs) for c in cols}
+        a = median(run["collection"] / run["raw random"] for run in runs)
+        b = median(run["collection"] / run["bare replay"] for run in runs)
         vs_raw.append(a)
         vs_replay.append(b)
         print(
             f"| {task} | " + " | ".join(f"{med[c]:.0f}" for c in cols) + f" | {a:.2f} | {b:.2f} |"
         )
     print(
-        "| **median** |" + " |" * len(cols) + f" **{statistics.median(vs_raw):.2f}** | "
-        f"**{statistics.median(vs_replay):.2f}** |"
+        "| **median** |" + " |" * len(cols) + f" **{median(vs_raw):.2f}** | "
+        f"**{median(vs_replay):.2f}** |"
     )
 
 
@@ -116,9 +123,9 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_scaling(tasks, repeats, episodes) -> None:
-    collector = ScriptedCollector(noise=(0.1,))
-    total = len(tasks) * episodes * 200
+def bench_scaling(tasks, repeats, episodes, horizon) -> None:
+    collector = ScriptedCollector(noise=(0.1,), max_episode_steps=horizon)
+    total = len(tasks) * episodes * horizon
     wall: dict[int, list[float]] = {1: [], 2: []}
     cpu: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(repeats):
@@ -134,12 +141,12 @@ def bench_scaling(tasks, repeats, episodes) -> None:
     )
     print("| workers | seconds | transitions/s | speed-up vs 1 | CPU seconds (all processes) |")
     print("|---|---|---|---|---|")
-    base = statistics.median(wall[1])
+    base = median(wall[1])
     for workers, ts in wall.items():
-        t = statistics.median(ts)
+        t = median(ts)
         print(
             f"| {workers} | {t:.1f} | {total / t:.0f} | {base / t:.2f} | "
-            f"{statistics.median(cpu[workers]):.1f} |"
+            f"{median(cpu[workers]):.1f} |"
         )
 
 
@@ -162,19 +169,20 @@ def _quality_table(results: dict[str, dict[str, tuple[float, float]]], tasks) ->
     print("| **mean** | " + " | ".join(means) + " |")
 
 
-def bench_quality(tasks, episodes, workers) -> None:
+def bench_quality(tasks, episodes, workers, horizon) -> None:
     results: dict[str, dict[str, tuple[float, float]]] = {}
     sizes = []
     with tempfile.TemporaryDirectory() as root:
         for label, settings in SETTINGS.items():
             out = Path(root) / label.replace(" ", "_")
             summaries = collect_datasets(
-                tasks, ScriptedCollector(**settings), episodes, out, workers=workers, progress=False
+                tasks, ScriptedCollector(**settings, max_episode_steps=horizon), episodes, out,
+                workers=workers, progress=False,
             )
             results[label] = {s.task: (s.success_rate, s.mean_return) for s in summaries}
             sizes += [(_du(Path(s.path)), s.n_transitions) for s in summaries]
     print(
-        f"\n### Scripted experts: success rate / mean return, {episodes} episodes of 200 "
+        f"\n### Scripted experts: success rate / mean return, {episodes} episodes of {horizon} "
         f"steps per cell\n"
     )
     _quality_table(results, tasks)
@@ -185,8 +193,8 @@ def bench_quality(tasks, episodes, workers) -> None:
     )
 
 
-def bench_sac(tasks, episodes, steps, workers) -> None:
-    collector = SACCollector(train_steps=steps, source="policy")
+def bench_sac(tasks, episodes, steps, workers, horizon) -> None:
+    collector = SACCollector(train_steps=steps, source="policy", max_episode_steps=horizon)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         summaries = collect_datasets(
@@ -201,7 +209,7 @@ def bench_sac(tasks, episodes, steps, workers) -> None:
     _quality_table(results, [s.task for s in summaries])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sections", default="throughput,scaling,quality")
     p.add_argument("--tasks", default="CW10", help="tasks for throughput / quality / sac")
@@ -212,20 +220,23 @@ def main() -> None:
     p.add_argument("--scaling-episodes", type=int, default=5)
     p.add_argument("--sac-steps", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--max-episode-steps", type=int, default=200, help="episode horizon")
+    args = p.parse_args(argv)
+    horizon = args.max_episode_steps
     tasks = resolve_tasks(args.tasks)
     sections = [s.strip() for s in args.sections.split(",")]
     print(
-        f"bench_collect on {os.cpu_count()} CPU(s); numbers are medians, noisy on a shared machine"
+        f"bench_collect on {os.cpu_count()} CPU(s); medians; {NOISY}"
     )
     if "throughput" in sections:
-        bench_throughput(tasks, args.repeats, args.throughput_episodes)
+        bench_throughput(tasks, args.repeats, args.throughput_episodes, horizon)
     if "scaling" in sections:
-        bench_scaling(resolve_tasks(args.scaling_tasks), args.repeats, args.scaling_episodes)
+        bench_scaling(resolve_tasks(args.scaling_tasks), args.repeats, args.scaling_episodes,
+                      horizon)
     if "quality" in sections:
-        bench_quality(tasks, args.episodes, args.workers)
+        bench_quality(tasks, args.episodes, args.workers, horizon)
     if "sac" in sections:
-        bench_sac(tasks, args.episodes, args.sac_steps, args.workers)
+        bench_sac(tasks, args.episodes, args.sac_steps, args.workers, horizon)
 
 
 if __name__ == "__main__":

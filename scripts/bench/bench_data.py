@@ -1,4 +1,4 @@
-"""Benchmark the trajectory format and the window sampler on synthetic Meta-World-sized data.
+r"""Benchmark the trajectory format and the window sampler on synthetic Meta-World-sized data.
 
 Measures, with peers timed in the same run (interleaved repeats, medians):
 - size on disk per 100k transitions, ours against the papers' uncompressed .npz layout;
@@ -9,6 +9,9 @@ Measures, with peers timed in the same run (interleaved repeats, medians):
 
 Example:
     .venv/bin/python scripts/bench/bench_data.py --transitions 1000000 --repeats 5
+    # smoke run (the test suite's):
+    .venv/bin/python scripts/bench/bench_data.py --transitions 2000 --tasks 2 --per-task 1000 \
+        --batch 8 --contexts 5 --repeats 1
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from eva_rl.data import WindowSampler, compute_state_stats, open_dataset, write_dataset
+
+from common import NOISY, interleaved, median, median_time
 
 OBS_DIM, ACT_DIM, EP_LEN = 39, 4, 200
 
@@ -42,16 +46,6 @@ def synthetic(n: int, seed: int) -> dict[str, np.ndarray]:
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-
-
-def median_time(fn, repeats: int) -> float:
-    return statistics.median(_timed(fn) for _ in range(repeats))
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def reference_get_batch(episodes, p_sample, batch_size, K, mean, std, scale):
@@ -136,14 +130,12 @@ def bench_storage(root: Path, n: int, repeats: int) -> None:
         "np.load into RAM": np_ram,
         "papers' npz into RAM": npz_ram,
     }
-    times: dict[str, list[float]] = {k: [] for k in peers}
-    for _ in range(repeats):  # interleaved so drift hits every contender alike
-        for name, fn in peers.items():
-            times[name].append(_timed(fn))
-    base = statistics.median(times["open_dataset (full validation)"])
+    # interleaved so drift hits every contender alike
+    times, _ = interleaved(peers, repeats, warmup=False)
+    base = median(times["open_dataset (full validation)"])
     print(f"open time, warm page cache, median of {repeats} (ratio = its time / ours):")
     for name, ts in times.items():
-        med = statistics.median(ts)
+        med = median(ts)
         print(f"  {name:36s} {med * 1e3:9.1f} ms   ratio {med / base:6.2f}")
     stats_t = median_time(lambda: compute_state_stats([open_dataset(root / "big")]), 3)
     print(f"compute_state_stats over {n:,} transitions: {stats_t:.2f} s")
@@ -187,11 +179,8 @@ def bench_sampler(root: Path, n_tasks: int, per_task: int, batch: int, contexts,
             for _ in range(n_batches):
                 reference_get_batch(episodes, p_sample, batch, K, mean, std, 200.0)
 
-        t_ours, t_peer = [], []
-        for _ in range(repeats):
-            t_ours.append(_timed(ours) / n_batches)
-            t_peer.append(_timed(peer) / n_batches)
-        mo, mp = statistics.median(t_ours), statistics.median(t_peer)
+        times, _ = interleaved({"ours": ours, "peer": peer}, repeats, warmup=False)
+        mo, mp = (median(times[k]) / n_batches for k in ("ours", "peer"))
         print(
             f"batch {batch}, context {K}: ours {mo * 1e3:.2f} ms/batch = {batch / mo:,.0f} "
             f"windows/s = {mb / mo:,.0f} MB/s of batch arrays; reference loop "
@@ -199,7 +188,7 @@ def bench_sampler(root: Path, n_tasks: int, per_task: int, batch: int, contexts,
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--transitions", type=int, default=1_000_000, help="size of the open test")
     p.add_argument("--tasks", type=int, default=10, help="tasks in the sampler test")
@@ -208,9 +197,9 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[20, 50])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", type=Path, default=None, help="scratch dir (default: a temp dir)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench_data_", dir=args.dir))
-    print("numbers from a shared, noisy machine; medians of interleaved repeats")
+    print(f"{NOISY}; medians of interleaved repeats")
     try:
         bench_storage(root, args.transitions, args.repeats)
         bench_sampler(root, args.tasks, args.per_task, args.batch, args.contexts, args.repeats)

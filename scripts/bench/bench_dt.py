@@ -21,6 +21,7 @@ not the weights or the imports.
 
 Example:
     python scripts/bench/bench_dt.py --presets small paper --repeats 5
+    # smoke run (the test suite's): --presets tiny --repeats 1 --no-memory
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from eva_rl.models import DecisionTransformer, DTConfig
+
+from common import interleaved, median, random_dt_batch, set_threads, torch_line
 
 IMPLS = ("hf", "ours-3tok", "ours-3tok-noad", "ours", "ours-bf16")
 BATCH = {"tiny": 32, "small": 64, "paper": 8}
@@ -44,20 +45,8 @@ STEPS = {"tiny": 10, "small": 2, "paper": 1}
 
 
 def make_batch(cfg: DTConfig, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    B, K = batch_size, cfg.context_len
-    mask = torch.ones(B, K, dtype=torch.bool)
-    lengths = torch.randint(1, K + 1, (B // 4,), generator=g)  # a quarter left-padded
-    for i, n in enumerate(lengths.tolist()):
-        mask[i, : K - n] = False
-    return {
-        "states": torch.randn(B, K, cfg.state_dim, generator=g),
-        "actions": torch.rand(B, K, cfg.act_dim, generator=g) * 2 - 1,
-        "rewards": torch.randn(B, K, 1, generator=g),
-        "returns_to_go": torch.randn(B, K, 1, generator=g),
-        "timesteps": torch.randint(0, 200 - K, (B, 1), generator=g) + torch.arange(K),
-        "mask": mask,
-    }
+    """A random batch, a quarter of it left-padded, starts within 200 steps."""
+    return random_dt_batch(cfg, batch_size, seed, padded_share=0.25, max_start=200)
 
 
 def build(impl: str, preset: str):
@@ -110,14 +99,6 @@ def build(impl: str, preset: str):
     return model, step
 
 
-def time_steps(step, batch, n: int) -> tuple[float, float]:
-    """(wall, process CPU) milliseconds per step over n steps."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        step(batch)
-    return (time.perf_counter() - t0) / n * 1e3, (time.process_time() - c0) / n * 1e3
-
-
 def _status_kib(field: str) -> int:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
@@ -143,7 +124,7 @@ def peak_memory(impl: str, preset: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_delta_mib"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="DT training step: ours vs Hugging Face")
     p.add_argument("--presets", nargs="+", default=["small", "paper"])
     p.add_argument("--repeats", type=int, default=3)
@@ -152,32 +133,25 @@ def main() -> None:
     p.add_argument("--paper-bf16", action="store_true",
                    help="also time bf16 on the paper preset (slow on CPUs without bf16)")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PRESET"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; shared noisy machine: medians of "
-          f"{args.repeats} interleaved repeats; wall and process-CPU time per step")
+    print(f"{torch_line()}; shared noisy machine: medians of {args.repeats} interleaved "
+          "repeats; wall and process-CPU time per step")
     for preset in args.presets:
         cfg = DTConfig.preset(preset)
         impls = IMPLS if preset != "paper" or args.paper_bf16 else IMPLS[:-1]
         built = {impl: build(impl, preset) for impl in impls}
         batch = make_batch(cfg, BATCH[preset])
-        for _, step in built.values():  # warm-up
-            step(batch)
-        times: dict[str, list[float]] = {impl: [] for impl in impls}
-        cpu: dict[str, list[float]] = {impl: [] for impl in impls}
-        for r in range(args.repeats):
-            order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate the order
-            for impl in order:
-                wall, proc = time_steps(built[impl][1], batch, STEPS[preset])
-                times[impl].append(wall)
-                cpu[impl].append(proc)
-        med = {impl: statistics.median(t) for impl, t in times.items()}
-        cmed = {impl: statistics.median(t) for impl, t in cpu.items()}
+        n = STEPS[preset]
+        wall, proc = interleaved(
+            {impl: lambda step=step, b=batch, n=n: [step(b) for _ in range(n)]
+             for impl, (_, step) in built.items()}, args.repeats)
+        med = {impl: median(t) / n * 1e3 for impl, t in wall.items()}  # ms per step
+        cmed = {impl: median(t) / n * 1e3 for impl, t in proc.items()}
+        times = {impl: [t / n * 1e3 for t in ts] for impl, ts in wall.items()}
         mem = {} if args.no_memory else {impl: peak_memory(impl, preset) for impl in impls}
         print(f"\n{preset}: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, "
               f"context {cfg.context_len} steps, batch {BATCH[preset]}, dropout {cfg.dropout}")

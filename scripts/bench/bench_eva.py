@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import statistics
-import time
 
 import torch
 
@@ -35,20 +33,9 @@ from eva_rl.eva import (
 from eva_rl.eva.incremental_svd import decompose
 from eva_rl.models import DecisionTransformer, DTConfig
 
+from common import NOISY, median, set_threads, timed
+
 SECTIONS = ("solvers", "peft", "full", "share", "theorem")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t, out
 
 
 def synthetic_batches(cfg: DTConfig, n: int, b: int, device, seed=0, mix=None):
@@ -106,10 +93,6 @@ def subspace_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(qa.T @ qb).min())
 
 
-def med(xs):
-    return statistics.median(xs)
-
-
 def bench_solvers(args, device):
     """Time one incremental update (k + rows + 1, d) per solver; batched vs per-layer loop."""
     print("\n## solvers: one incremental-SVD update (ms, median), k = r*rho components")
@@ -117,8 +100,8 @@ def bench_solvers(args, device):
     print("| d | rows | exact | lowrank | gram | best | 6 layers batched: loop/batched "
           "gram, lowrank |")
     print("|---|---|---|---|---|---|---|")
-    for d in (32, 128, 512):
-        for rows in (640, 2560):  # EVA batch of 8 or 32 small-DT windows
+    for d in args.solver_dims:
+        for rows in args.solver_rows:  # 640, 2560: an EVA batch of 8 or 32 small-DT windows
             m = torch.randn(rows + k + 1, d, device=device)
             mb = torch.randn(6, rows + k + 1, d, device=device)
             times = {s: [] for s in ("exact", "lowrank", "gram")}
@@ -131,8 +114,8 @@ def bench_solvers(args, device):
                         timed(lambda s=s, mb=mb: decompose(mb, k, s), device)[0])
                     batched[s][1].append(timed(
                         lambda s=s, mb=mb: [decompose(x, k, s) for x in mb], device)[0])
-            t = {s: med(v[1:]) * 1e3 for s, v in times.items()}
-            ratio = ", ".join(f"{med(batched[s][1][1:]) / med(batched[s][0][1:]):.2f}x"
+            t = {s: median(v[1:]) * 1e3 for s, v in times.items()}
+            ratio = ", ".join(f"{median(batched[s][1][1:]) / median(batched[s][0][1:]):.2f}x"
                               for s in batched)
             print(f"| {d} | {rows} | {t['exact']:.2f} | {t['lowrank']:.2f} | {t['gram']:.2f} | "
                   f"{min(t, key=t.get)} | {ratio} |")
@@ -165,7 +148,7 @@ def bench_peft(args, device, model, batches):
         ours_t.append(t)
         t, theirs = timed(lambda: peft_eva(model, batches, targets, args, forward), device)
         peft_t.append(t)
-    ratio = med(peft_t) / med(ours_t)
+    ratio = median(peft_t) / median(ours_t)
     a = ours_res.lora_A()
     same_rank = sum(a[p].shape[0] == theirs[p].shape[0] for p in targets)
     cos = []
@@ -173,9 +156,9 @@ def bench_peft(args, device, model, batches):
         n = min(a[p].shape[0], theirs[p].shape[0])
         if n:
             cos.append(float((a[p][:n].double() * theirs[p][:n].double()).sum(1).abs().min()))
-    print(f"ours (svd=auto): median {med(ours_t):.3f}s over {args.repeats} "
+    print(f"ours (svd=auto): median {median(ours_t):.3f}s over {args.repeats} "
           f"({ours_res.batches_used} batches, {ours_res.stop_reason}); "
-          f"PEFT: median {med(peft_t):.3f}s  ->  ours is {ratio:.2f}x faster")
+          f"PEFT: median {median(peft_t):.3f}s  ->  ours is {ratio:.2f}x faster")
     print(f"agreement: {same_rank}/{len(targets)} layers same rank (ties between q/k/v may "
           f"swap), min |cos| of matching components {min(cos):.4f}")
     return ours_res
@@ -221,12 +204,12 @@ def bench_full(args, device, model, batches, result):
         r = max(res.ranks[m] for m in res.paths if res.shared[m] == p)
         if r:
             cos_r.append(subspace_cos(res.components[p][:r], vt[p][:r]))
-    print(f"EVA (incremental, with convergence): median {med(eva_t):.3f}s; full SVD of "
-          f"{n_rows} rows per layer (collect + svd): median {med(full_t):.3f}s -> "
-          f"ratio full/EVA {med(full_t) / med(eva_t):.2f}x")
+    print(f"EVA (incremental, with convergence): median {median(eva_t):.3f}s; full SVD of "
+          f"{n_rows} rows per layer (collect + svd): median {median(full_t):.3f}s -> "
+          f"ratio full/EVA {median(full_t) / median(eva_t):.2f}x")
     print(f"subspace similarity (min cos of principal angles) over {len(leaders)} decompositions:"
-          f" top r*rho: min {min(cos_k):.4f} median {med(cos_k):.4f}; allocated top rank_i: "
-          f"min {min(cos_r):.4f} median {med(cos_r):.4f}")
+          f" top r*rho: min {min(cos_k):.4f} median {median(cos_k):.4f}; allocated top rank_i: "
+          f"min {min(cos_r):.4f} median {median(cos_r):.4f}")
 
 
 def step_time(model, batches, device, steps):
@@ -246,7 +229,7 @@ def step_time(model, batches, device, steps):
 
         times.append(timed(step, device)[0])
     model.eval()
-    return med(times[1:])
+    return median(times[1:])
 
 
 def bench_share(args, device):
@@ -278,16 +261,16 @@ def share_one(args, device, preset: str, name: str) -> None:
     tb = make_batches(args, cfg, 4, train_b, device, seed=2)
     st = step_time(model, tb, device, args.steps) * scale
     total = st * ft.train.steps
-    share = med(eva_t) / (med(eva_t) + total)
+    share = median(eva_t) / (median(eva_t) + total)
     note = f" (timed at batch {train_b}, x{scale:g} assumed linear)" if scale != 1 else ""
     print(f"{preset} DT ({model.num_parameters() / 1e6:.2f}M params), fine-tuning config "
-          f"{name!r}: EVA {med(eva_t):.3f}s ({res.batches_used} batches of {eva_b} windows, "
+          f"{name!r}: EVA {median(eva_t):.3f}s ({res.batches_used} batches of {eva_b} windows, "
           f"{res.stop_reason}); train step {st * 1e3:.1f} ms{note} x {ft.train.steps} steps = "
           f"{total:.1f}s -> EVA share {100 * share:.3f}% (paper 0.2-0.7%, goal <= 0.5%)")
     if name != "paper":
         long = CONFIGS["paper"].train.steps
         print(f"  the same step time x the paper's {long} steps: EVA share "
-              f"{100 * med(eva_t) / (med(eva_t) + st * long):.4f}%")
+              f"{100 * median(eva_t) / (median(eva_t) + st * long):.4f}%")
 
 
 def bench_theorem(args, device):
@@ -333,7 +316,7 @@ def bench_theorem(args, device):
             model.eval()
             with torch.no_grad():
                 losses.append(float(sum(model.loss(b) for b in train[-4:]) / 4))
-        results[init] = (med(gnorms), med(losses))
+        results[init] = (median(gnorms), median(losses))
     e_g, e_l = results["eva"]
     for init, (g, loss) in results.items():
         print(f"{init:>15}: grad norm at step 1 {g:.4e} (EVA/this {e_g / g:.2f}x); loss after "
@@ -346,10 +329,14 @@ def peft_version() -> str:
     return peft.__version__
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     p.add_argument("--preset", default="small", help="DT preset for the PEFT/full/theorem parts")
+    p.add_argument("--solver-dims", type=int, nargs="+", default=[32, 128, 512],
+                   help="solvers: layer input widths d")
+    p.add_argument("--solver-rows", type=int, nargs="+", default=[640, 2560],
+                   help="solvers: activation rows per update")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rho", type=float, default=2.0)
     p.add_argument("--tau", type=float, default=0.99)
@@ -369,11 +356,10 @@ def main() -> None:
     p.add_argument("--run", default=None, help="pretrained run dir; default random-init DT")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -383,7 +369,7 @@ def main() -> None:
     print(f"# bench_eva on {device} ({name}); torch {torch.__version__}; medians of "
           f"{args.repeats}; data: {'real ' + args.task if args.data else 'synthetic'}")
     if device.type == "cpu":
-        print("(CPU numbers: a shared, noisy 2-core machine; other jobs ran at the same time)")
+        print(f"(CPU {NOISY})")
     torch.manual_seed(0)
     if "solvers" in sections:
         bench_solvers(args, device)

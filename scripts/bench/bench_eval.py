@@ -14,12 +14,14 @@ initialised preset (`--preset`, default `small`) with unit state statistics.
 Example:
     python scripts/bench/bench_eval.py --preset small --tasks hammer,push-wall,faucet-close \
         --episodes 10 --repeats 3
+    # smoke run (the test suite's):
+    python scripts/bench/bench_eval.py --preset tiny --tasks reach --episodes 2 \
+        --loop-episodes 1 --max-steps 10 --repeats 1 --forward-threads 1 --forward-reps 2
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -30,8 +32,10 @@ from agents.evaluation import run_episodes
 from envs import make_env, make_vec_env, resolve_tasks
 from eva_rl.models import DecisionTransformer, DTConfig
 
+from common import NOISY, median, set_threads
 
-def parse_args() -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=None, help="a run directory (default: a fresh model)")
     p.add_argument("--preset", default="small", help="model preset without --run")
@@ -44,7 +48,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
-    return p.parse_args()
+    p.add_argument("--forward-threads", type=int, nargs="+", default=None,
+                   help="thread counts of the forward timing (default: 1, 2 and torch's)")
+    p.add_argument("--forward-reps", type=int, default=20, help="forwards timed per variant")
+    return p.parse_args(argv)
 
 
 def make_agent(args: argparse.Namespace, tasks: tuple[str, ...]) -> DTAgent:
@@ -125,13 +132,12 @@ def forward_times(agent: DTAgent, batch: int, threads: tuple[int, ...], reps: in
             model(**inputs[k])
             times[(k, n)].append(time.perf_counter() - t0)
     torch.set_num_threads(before)
-    return {key: 1000 * statistics.median(v) for key, v in times.items()}
+    return {key: 1000 * median(v) for key, v in times.items()}
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
     tasks = tuple(dict.fromkeys(resolve_tasks(args.tasks.split(","))))
     agent = make_agent(args, tasks)
     n_params = sum(p.numel() for p in agent.model.parameters())
@@ -151,7 +157,7 @@ def main() -> None:
         print(f"repeat {rep}: batched {rates['batched'][-1]:.0f} steps/s ({steps} steps, "
               f"env build {build:.1f} s), loop {rates['loop'][-1]:.0f}, "
               f"raw {rates['raw'][-1]:.0f}")
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = {k: median(v) for k, v in rates.items()}
     print(f"\nmedians over {args.repeats} repeats (env steps/s, model included):")
     for k, v in med.items():
         print(f"  {k:<14} {v:8.0f}")
@@ -159,7 +165,9 @@ def main() -> None:
     print(f"  batched / raw env      {med['batched'] / med['raw']:.2f}  (goal >= 0.7)")
     print(f"  batched+build / raw    {med['batched+build'] / med['raw']:.2f}")
     batch, k = len(tasks) * args.episodes, agent.config.context_len
-    ms = forward_times(agent, batch, threads=tuple(dict.fromkeys((1, 2, torch.get_num_threads()))))
+    threads = args.forward_threads or (1, 2, torch.get_num_threads())
+    ms = forward_times(agent, batch, threads=tuple(dict.fromkeys(threads)),
+                       reps=args.forward_reps)
     print(f"\nforward of a batch of {batch} episodes (median ms; a KV-cached step would cost "
           "at least the one-timestep forward):")
     for n in sorted({n for _, n in ms}):
@@ -167,7 +175,7 @@ def main() -> None:
         print(f"  {n} thread(s): full window ({k} steps) {full:.2f} ms, one timestep "
               f"{one:.2f} ms, ratio {full / one:.1f}x; full window per env step "
               f"{full / batch:.3f} ms")
-    print("numbers from a shared, noisy 2-core machine")
+    print(NOISY)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Example:
     python scripts/bench/bench_pipeline.py quickstart --out /tmp/bench-qs
     python scripts/bench/bench_pipeline.py cw10 --pretrained runs/pretrain-small \
         --data data/cw10 --methods lora,eva,eva_dora --repeats 1 --out /tmp/bench-cw10
+    # smoke run (the test suite's): one tiny task, 2 updates, 1 short evaluation episode
+    python scripts/bench/bench_pipeline.py cw10 --pretrained PRE --data DATA --tasks reach \
+        --methods lora --config quick --steps 2 --eval-episodes 1 --max-episode-steps 10 \
+        --out /tmp/bench-smoke
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import json
 import os
 import pstats
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import NOISY, median
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +39,9 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, int]:
     """(wall seconds, peak RSS MiB of the child and its waited-for descendants, exit code)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # this checkout's packages, whatever an installed copy says
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t0, usage.ru_maxrss / 1024.0, proc.returncode
@@ -76,8 +82,8 @@ def bench_quickstart(args: argparse.Namespace) -> None:
               f"{fmt_shares(parts, wall)}")
         rerun, _, code = run_child(cmd, Path(args.out) / f"quickstart-{r}-rerun.log")
         print(f"quickstart re-run on the finished directory: {rerun:.1f} s (exit {code})")
-    print(f"quickstart median: {statistics.median(walls):.0f} s wall, "
-          f"{statistics.median(rss):.0f} MiB peak RSS over {len(walls)} run(s)")
+    print(f"quickstart median: {median(walls):.0f} s wall, "
+          f"{median(rss):.0f} MiB peak RSS over {len(walls)} run(s)")
     if args.profile_eval:
         profile_eval(Path(args.out) / "quickstart-0" / "pretrain",
                      Path(args.out) / "quickstart-0" / "data", "faucet-close-v3")
@@ -93,8 +99,10 @@ def bench_cw10(args: argparse.Namespace) -> None:
             cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--pretrained",
                    args.pretrained, "--data", args.data, "--protocol", "single", "--methods",
                    m, "--tasks", args.tasks, "--seeds", "0", "--config", args.config, "--out",
-                   str(out), "--no-progress"] + (["--steps", str(args.steps)] if args.steps
-                                                 else [])
+                   str(out), "--no-progress"]
+            for flag in ("steps", "eval_episodes", "max_episode_steps"):  # overrides given
+                if getattr(args, flag) is not None:
+                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             wall, peak, code = run_child(cmd, Path(args.out) / f"{m}-{r}.log")
             if code:
                 raise SystemExit(f"{m} failed (exit {code}); see {args.out}/{m}-{r}.log")
@@ -105,12 +113,12 @@ def bench_cw10(args: argparse.Namespace) -> None:
             print(f"{m} run {r}: {wall:.0f} s wall, peak RSS {peak:.0f} MiB, avg success "
                   f"{sum(succ) / len(succ):.2f}; {fmt_shares(parts, wall)}")
     peer = args.peer if args.peer in rows else methods[0]
-    base = statistics.median(w for w, _, _ in rows[peer])
+    base = median(w for w, _, _ in rows[peer])
     print(f"\nmedians over {args.repeats} repeat(s), tasks {args.tasks}, config {args.config}:")
     for m, runs in rows.items():
-        wall = statistics.median(w for w, _, _ in runs)
-        peak = statistics.median(p for _, p, _ in runs)
-        eva = statistics.median(p["eva_init"] for _, _, p in runs)
+        wall = median(w for w, _, _ in runs)
+        peak = median(p for _, p, _ in runs)
+        eva = median(p["eva_init"] for _, _, p in runs)
         print(f"  {m:<10} {wall:7.0f} s ({wall / base:.2f}x {peer}), peak RSS {peak:.0f} MiB, "
               f"EVA init {eva:.1f} s ({100 * eva / wall:.1f}%)")
 
@@ -156,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="CW10")
     p.add_argument("--config", default="cpu")
     p.add_argument("--steps", type=int, help="override the config's updates per task")
+    p.add_argument("--eval-episodes", type=int, help="override the config's")
+    p.add_argument("--max-episode-steps", type=int, help="override the config's")
     p.add_argument("--profile-eval", action="store_true",
                    help="quickstart: also split one evaluation into env / model time")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    print("numbers from a shared, noisy 2-core machine; medians over repeats")
+    print(f"{NOISY}; medians over repeats")
     if args.what == "quickstart":
         bench_quickstart(args)
     else:

@@ -13,10 +13,11 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from agents import DTAgent, evaluate
 from envs import final_step_infos, make_vec_env, resolve_tasks
+
+from common import set_threads
 
 
 def random_policy_success(tasks: list[str], n_episodes: int, seed: int,
@@ -42,7 +43,7 @@ def random_policy_success(tasks: list[str], n_episodes: int, seed: int,
     return {task: float(s) for task, s in zip(tasks, per_task, strict=True)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="pretraining run directory")
     p.add_argument("--tasks", default="MT40")
@@ -50,8 +51,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-episode-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
     tasks = list(dict.fromkeys(resolve_tasks(args.tasks)))
 
     agent = DTAgent.load(args.run)

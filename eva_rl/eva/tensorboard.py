@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eva_rl.eva.core import EvaResult
+from eva_rl.eva.result import EvaResult
 
 
 def log_eva(writer: Any, result: EvaResult, step: int = 0, prefix: str = "eva") -> None:
