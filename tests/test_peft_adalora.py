@@ -135,7 +135,7 @@ def test_pruned_export_loads_in_peft_with_our_outputs(dtype, tmp_path):
         assert pl.r["default"] == sum(kept[path])
         assert pl.lora_A["default"].shape == (sum(kept[path]), layer.in_features)
         if pl.r["default"] > 0:
-            ranknum = float(pl.ranknum["default"])
+            ranknum = float(pl.ranknum["default"].detach())
             assert ranknum == INIT_R
             assert pl.scaling["default"] / (ranknum + PEFT_ADALORA_EPS) == pytest.approx(
                 layer.scaling["t"], rel=1e-15)
@@ -272,10 +272,6 @@ def test_adalora_errors(tmp_path):
         export_peft(ours, "t", tmp_path / "x")
     with pytest.raises(ValueError, match="EVA initialises lora/dora"):
         export_peft(ours, "t", tmp_path / "x", eva={"rank": 2}, adalora=SCHEDULE)
-    zero = copy.deepcopy(base)
-    add_adapter(zero, "z", AdapterConfig(method="adalora", rank=2, alpha=0.0))
-    with pytest.raises(ValueError, match="positive lora_alpha"):
-        export_peft(zero, "z", tmp_path / "x", adalora=SCHEDULE)
     assert not (tmp_path / "x").exists()
 
     export_peft(ours, "t", tmp_path / "ok", adalora=SCHEDULE)

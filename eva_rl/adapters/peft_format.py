@@ -289,10 +289,7 @@ def _adalora_export(
         schedule = AdaLoraSchedule.from_dict(schedule)
     init_r = max(layer.ranks[name] for layer in layers.values())
     scalings = {p: layer.scaling[name] for p, layer in layers.items()}
-    scale = Counter(scalings.values()).most_common(1)[0][0]
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"adapter {name!r} has scale alpha / r = {scale!r}; PEFT's AdaLoRA "
-                         "can only scale by a positive lora_alpha")
+    scale = Counter(scalings.values()).most_common(1)[0][0]  # > 0: add_adapter needs alpha > 0
     untrained = all(torch.count_nonzero(layer.lora_E[name]) == 0 for layer in layers.values())
     tensors: dict[str, Tensor] = {}
     rank_pattern: dict[str, list[bool]] = {}
@@ -572,13 +569,13 @@ def _read_peft_tensors(
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    kind = "AdaLoRA" if "lora_E" in suffixes.values() else "LoRA/DoRA"
+    kind = "an AdaLoRA" if "lora_E" in suffixes.values() else "a LoRA/DoRA"
     example = next(iter(suffixes))
     per_layer: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         field = next(((s, f) for s, f in suffixes.items() if key.endswith(s)), None)
         if not key.startswith(PEFT_PREFIX) or field is None:
-            raise ValueError(f"{path}: tensor {key!r} is not a {kind} tensor of an nn.Linear "
+            raise ValueError(f"{path}: tensor {key!r} is not {kind} tensor of an nn.Linear "
                              f"(expected {PEFT_PREFIX}<module>{example} etc.)")
         suffix, name = field
         module = key[len(PEFT_PREFIX):-len(suffix)]
