@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agents.dt_agent import DTAgent
+from agents.finetune import FinetuneConfig
 from agents.methods import get_method
 from agents.protocols import (
     EXPERIMENT_FORMAT,
@@ -75,13 +76,16 @@ def export_run_adapters(
                               "its exports")
 
     model = DTAgent.load(exp["pretrained"], device="cpu").model
+    # AdaLoRA: the run's budget schedule goes into PEFT's AdaLoraConfig
+    schedule = (FinetuneConfig.from_dict(exp["config"]).adalora_schedule()
+                if m.adapter == "adalora" else None)
     written: dict[str, Path] = {}
     for task, tdir in task_dirs.items():
         if not (tdir / "adapter").is_dir():
             raise FileNotFoundError(f"{tdir / 'adapter'} is missing")
         load_adapter(model, tdir / "adapter", name=task)
         eva = EvaResult.load(tdir / "eva").config if m.eva else None
-        written[task] = export_peft(model, task, dest / task, eva=eva,
+        written[task] = export_peft(model, task, dest / task, eva=eva, adalora=schedule,
                                     base_model=exp["pretrained"], overwrite=overwrite)
         delete_adapter(model, task)
     logger.info("exported %d %s adapters (seed %d) to %s", len(written), m.name, seed, dest)

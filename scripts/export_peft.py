@@ -1,9 +1,11 @@
-r"""Export the task adapters of a fine-tuning run in Hugging Face PEFT's LoRA format.
+r"""Export the task adapters of a fine-tuning run in Hugging Face PEFT's adapter format.
 
 Writes OUT/<method>/seed_<s>/<task>/ (adapter_config.json, adapter_model.safetensors and
 eva_rl_export.json) for every finished task, or those of --tasks. Each loads with
 `peft.PeftModel.from_pretrained(base, dir)` onto the run's pretrained Decision Transformer
-(`DTAgent.load(<pretrained run>).model`). PiSSA / OLoRA adapters become rank-2r LoRAs.
+(`DTAgent.load(<pretrained run>).model`). PiSSA / OLoRA adapters become rank-2r LoRAs;
+AdaLoRA adapters are PEFT AdaLoRA adapters (pruned triplets dropped, the run's schedule in
+the AdaLoraConfig).
 
 Example:
     python scripts/export_peft.py --run runs/cw10-single --method eva --seed 0 \

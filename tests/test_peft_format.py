@@ -214,7 +214,7 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
         return d
 
     cases = {
-        "peft_type 'IA3'": variant("ia3", peft_type="IA3"),
+        "peft_type 'IA3' is not supported (only LORA": variant("ia3", peft_type="IA3"),
         "init_lora_weights='pissa'": variant("pissa", init_lora_weights="pissa"),
         "bias='all'": variant("bias", bias="all"),
         "fan_in_fan_out=True": variant("fan", fan_in_fan_out=True),
@@ -260,9 +260,15 @@ def test_export_errors_and_overwrite(tmp_path):
         export_peft(model, "p", tmp_path / "x")
     export_peft(model, "p", tmp_path / "x", overwrite=True)
     layer = next(iter(adapter_layers(model).values()))
-    layer.methods["p"] = "adalora"  # a kind without a LoRA equivalent (none is registered yet)
-    with pytest.raises(ValueError, match="kind 'adalora'.*exportable kinds"):
+    layer.methods["p"] = "vera"  # a kind without a PEFT equivalent here
+    with pytest.raises(ValueError, match="kind 'vera'.*exportable kinds"):
         export_peft(model, "p", tmp_path / "y")
+    layer.methods["p"] = "adalora"
+    with pytest.raises(ValueError, match=r"mixes kinds \['adalora', 'pissa'\]"):
+        export_peft(model, "p", tmp_path / "y")
+    layer.methods["p"] = "pissa"
+    with pytest.raises(ValueError, match="adalora= .* is for adalora adapters"):
+        export_peft(model, "p", tmp_path / "y", adalora={"total_steps": 5})
     assert not (tmp_path / "y").exists()
     delete_adapter(model, "p")
     add_adapter(model, "z", AdapterConfig(rank=2),

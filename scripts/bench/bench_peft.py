@@ -5,10 +5,12 @@
    rest); total and per-adapter seconds (median of --repeats).
 2. Fidelity, per adapter kind (random non-zero B so the adapter matters): the max absolute
    difference of the predicted actions (and of the last hidden states) between our model
-   and PEFT's after export -> PEFT load (lora, dora, eva, pissa, olora), and after a PEFT
-   adapter -> `save_pretrained` -> `import_peft` (peft_lora, peft_dora); then the full round
-   trip back to where it started (ours -> PEFT -> PEFT's save -> ours; PEFT -> ours ->
-   export -> PEFT), and how much the adapter moves the actions at all. float32.
+   and PEFT's after export -> PEFT load (lora, dora, eva, pissa, olora, adalora: random
+   P, Q, Λ with about half of the triplets pruned), and after a PEFT adapter ->
+   `save_pretrained` -> `import_peft` (peft_lora, peft_dora, peft_adalora: pruned by PEFT's
+   own `update_and_allocate` over a short schedule); then the full round trip back to where
+   it started (ours -> PEFT -> PEFT's save -> ours; PEFT -> ours -> export -> PEFT), and how
+   much the adapter moves the actions at all. float32.
 
     .venv/bin/python scripts/bench/bench_peft.py --preset small --repeats 3
 """
@@ -27,6 +29,7 @@ import torch
 
 from envs import CW10
 from eva_rl.adapters import (
+    AdaLoraSchedule,
     AdapterConfig,
     adapter_layers,
     add_adapter,
@@ -37,8 +40,10 @@ from eva_rl.adapters import (
 from eva_rl.eva import EvaConfig, apply_eva, compute_eva
 from eva_rl.models.dt import DecisionTransformer, DTConfig
 
-KINDS = ("lora", "dora", "eva", "pissa", "olora")
-PEFT_KINDS = ("peft_lora", "peft_dora")
+KINDS = ("lora", "dora", "eva", "pissa", "olora", "adalora")
+PEFT_KINDS = ("peft_lora", "peft_dora", "peft_adalora")
+SCHEDULE = AdaLoraSchedule(total_steps=8, target_rank=2, tinit=1, tfinal=2, delta_t=1)
+"""The AdaLoRA schedule of the adalora kinds (written into PEFT's AdaLoraConfig)."""
 
 
 def make_batch(cfg: DTConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -55,7 +60,8 @@ def make_batch(cfg: DTConfig, batch_size: int, seed: int) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def randomize(model, name: str, seed: int) -> None:
-    """Non-zero B (and a perturbed A / magnitude) so the adapter changes the output."""
+    """Non-zero B (and a perturbed A / magnitude) so the adapter changes the output;
+    AdaLoRA: a random Λ with about half of its entries pruned (zero)."""
     g = torch.Generator().manual_seed(seed)
     for layer in adapter_layers(model).values():
         if name in layer.lora_A:
@@ -64,20 +70,26 @@ def randomize(model, name: str, seed: int) -> None:
             if name in layer.lora_magnitude_vector:
                 layer.lora_magnitude_vector[name].mul_(
                     torch.rand(layer.lora_magnitude_vector[name].shape, generator=g) + 0.5)
+            if name in layer.lora_E:
+                e = layer.lora_E[name]
+                kept = torch.rand(e.shape, generator=g) < 0.5
+                e.copy_(torch.randn(e.shape, generator=g) * kept)
 
 
-def add_kind(model, kind: str, name: str, rank: int, seed: int) -> EvaConfig | None:
-    """Adapter `name` of `kind`; returns the EVA config for EVA."""
+def add_kind(model, kind: str, name: str, rank: int, seed: int) -> dict[str, object]:
+    """Adapter `name` of `kind`; returns export_peft's extra arguments (EVA's config, AdaLoRA's
+    schedule)."""
     if kind == "eva":
         eva = EvaConfig(rank=rank, rho=2.0, tau=0.99, max_batches=8)
         batches = (make_batch(model.config, 8, seed + i) for i in range(eva.max_batches))
         result = compute_eva(model, batches, eva)
         apply_eva(model, name, result, AdapterConfig(method="lora", rank=rank, alpha=rank))
+        extra: dict[str, object] = {"eva": eva}
     else:
-        eva = None
         add_adapter(model, name, AdapterConfig(method=kind, rank=rank, alpha=float(rank)))
+        extra = {"adalora": SCHEDULE} if kind == "adalora" else {}
     randomize(model, name, seed)
-    return eva
+    return extra
 
 
 @torch.no_grad()
@@ -96,14 +108,13 @@ def time_ten(base, kind: str, rank: int, root: Path, repeats: int) -> dict[str, 
 
     ours = copy.deepcopy(base)
     tasks = list(CW10)
-    for i, task in enumerate(tasks):
-        add_kind(ours, kind, task, rank, seed=i)
+    extra = {task: add_kind(ours, kind, task, rank, seed=i) for i, task in enumerate(tasks)}
     export_s, load_s = [], []
     for rep in range(repeats):
         out = root / f"ten{rep}"
         t0 = time.perf_counter()
         for task in tasks:
-            export_peft(ours, task, out / task)
+            export_peft(ours, task, out / task, **extra[task])
         export_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         model = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / tasks[0],
@@ -130,8 +141,8 @@ def fidelity(base, rank: int, root: Path) -> dict[str, tuple[float, ...]]:
     out: dict[str, tuple[float, ...]] = {}
     for i, kind in enumerate(KINDS):
         ours = copy.deepcopy(base)
-        eva = add_kind(ours, kind, "t", rank, seed=10 + i)
-        export_peft(ours, "t", root / kind, eva=eva)
+        extra = add_kind(ours, kind, "t", rank, seed=10 + i)
+        export_peft(ours, "t", root / kind, **extra)
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / kind).eval()
         theirs.save_pretrained(root / f"{kind}-peft")
         back = copy.deepcopy(base)
@@ -139,24 +150,54 @@ def fidelity(base, rank: int, root: Path) -> dict[str, tuple[float, ...]]:
         out[kind] = (*diffs(ours, theirs, batch), diffs(ours, back, batch)[0],
                      diffs(ours, base, batch)[0])
     for kind in PEFT_KINDS:
-        cfg = peft.LoraConfig(r=rank, lora_alpha=rank, use_dora=kind == "peft_dora",
-                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj",
-                                              "fc_in", "fc_out"])
-        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for name, p in theirs.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        theirs = peft_adalora(base, rank) if kind == "peft_adalora" else peft_lora(base, kind, rank)
         theirs.save_pretrained(root / kind)
         ours = copy.deepcopy(base)
         import_peft(ours, root / kind, "t")
-        export_peft(ours, "t", root / f"{kind}-ours")
+        extra = {"adalora": SCHEDULE} if kind == "peft_adalora" else {}
+        export_peft(ours, "t", root / f"{kind}-ours", **extra)
         back = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / f"{kind}-ours").eval()
         theirs.eval()
         out[kind] = (*diffs(ours, theirs, batch), diffs(theirs, back, batch)[0],
                      diffs(ours, base, batch)[0])
     return out
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]
+
+
+def peft_lora(base, kind: str, rank: int):
+    """A PEFT LoRA / DoRA model with random non-zero B."""
+    import peft
+
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, use_dora=kind == "peft_dora",
+                          target_modules=TARGETS)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return theirs
+
+
+def peft_adalora(base, rank: int):
+    """A PEFT AdaLoRA model trained over SCHEDULE (init_r = 2 x rank) on a made-up loss,
+    pruned by PEFT's own `update_and_allocate`."""
+    import peft
+
+    cfg = peft.AdaLoraConfig(init_r=2 * rank, target_r=SCHEDULE.target_rank, lora_alpha=rank,
+                             target_modules=TARGETS, total_step=SCHEDULE.total_steps,
+                             tinit=SCHEDULE.tinit, tfinal=SCHEDULE.tfinal,
+                             deltaT=SCHEDULE.delta_t)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    opt = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
+    for step in range(1, SCHEDULE.total_steps + 1):
+        theirs(**make_batch(base.config, 8, 200 + step)).square().mean().backward()
+        opt.step()
+        theirs.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    return theirs
 
 
 def main(argv: list[str] | None = None) -> int:
