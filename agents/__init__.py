@@ -10,8 +10,7 @@ not pay for importing the model stack.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from agents.lazy import lazy_exports
 
 _EXPORTS = {
     "DTAgent": "agents.dt_agent",
@@ -32,13 +31,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'agents' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

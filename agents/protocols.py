@@ -44,7 +44,7 @@ from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
 from agents.methods import Method, get_method, parse_methods
-from agents.reports import empty_results, write_json, write_report
+from agents.reports.results import empty_results, write_json
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
@@ -323,6 +323,8 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False
     results = collect_results(out, exp)
     write_json(out / "results.json", results)
     if report:
+        from agents.reports import write_report  # matplotlib: the driver's, not each cell's
+
         write_report(results, out)
     return results
 

@@ -13,34 +13,20 @@ One module per idea:
 The names below are importable from ``agents.reports`` itself.
 """
 
-from agents.reports.plots import build_figures, figure_comparison, save_figures
-from agents.reports.report import (
-    PAPER_AVG_SUCCESS,
-    format_table,
-    render_markdown,
-    write_report,
-    write_tensorboard,
-)
-from agents.reports.results import (
-    RESULTS_FORMAT,
-    RESULTS_VERSION,
-    empty_results,
-    final_success,
-    is_complete,
-    load_results,
-    merge_results,
-    results_to_csv,
-    short_name,
-    task_auc,
-    write_json,
-    write_text,
-)
-from agents.reports.statistics import DEFINITIONS, REFERENCE_METHOD, compare, summarize
+from agents.lazy import lazy_exports
 
-__all__ = [
-    "DEFINITIONS", "PAPER_AVG_SUCCESS", "REFERENCE_METHOD", "RESULTS_FORMAT", "RESULTS_VERSION",
-    "build_figures", "compare", "empty_results", "figure_comparison", "final_success",
-    "format_table", "is_complete", "load_results", "merge_results", "render_markdown",
-    "results_to_csv", "save_figures", "short_name", "summarize", "task_auc", "write_json",
-    "write_report", "write_tensorboard", "write_text",
-]
+# plots and the written report import matplotlib: only when asked for (a Ray worker that
+# runs a cell writes records, never plots)
+_EXPORTS = {
+    **dict.fromkeys(("build_figures", "figure_comparison", "save_figures"), "agents.reports.plots"),
+    **dict.fromkeys(("PAPER_AVG_SUCCESS", "format_table", "render_markdown", "write_report",
+                     "write_tensorboard"), "agents.reports.report"),
+    **dict.fromkeys(("RESULTS_FORMAT", "RESULTS_VERSION", "empty_results", "final_success",
+                     "is_complete", "load_results", "merge_results", "results_to_csv",
+                     "short_name", "task_auc", "write_json", "write_text"),
+                    "agents.reports.results"),
+    **dict.fromkeys(("DEFINITIONS", "REFERENCE_METHOD", "compare", "summarize"),
+                    "agents.reports.statistics"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
