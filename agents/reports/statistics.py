@@ -253,7 +253,7 @@ def interval_estimate(func: Callable[..., np.ndarray], arrays: Sequence[np.ndarr
     if min(a.shape[0] for a in arrays) < 2:
         return {"value": value, "ci": None}
     data = arrays[0] if len(arrays) == 1 else list(arrays)
-    with _seeded_global_numpy(seed):
+    with _seeded_global_numpy(seed), _quiet_absl():
         _, intervals = rly.get_interval_estimates({"x": data}, func, reps=reps,
                                                   confidence_interval_size=confidence)
     low, high = np.asarray(intervals["x"], dtype=np.float64).ravel()
@@ -271,6 +271,18 @@ def _seeded_global_numpy(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(state)
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """rliable logs "Calculating estimates for ..." at INFO through absl on every call."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _check_scores(scores: np.ndarray, name: str) -> np.ndarray:
