@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,49 @@ def comparable(results):
 
 class Interrupt(Exception):
     """Raised from a step hook to stop a run at a chosen point."""
+
+
+# ------------------------------------------------------------- PEFT as an oracle
+
+STATE_DIM, ACT_DIM = 6, 3
+"""Dimensions of the tiny DT the PEFT comparisons run on."""
+
+
+def tiny_dt(seed: int = 0):
+    """A tiny DT in eval mode, its weights seeded."""
+    from eva_rl.models.dt import DecisionTransformer, DTConfig
+
+    torch.manual_seed(seed)
+    return DecisionTransformer(DTConfig.preset("tiny", state_dim=STATE_DIM, act_dim=ACT_DIM)).eval()
+
+
+def dt_batch(seed: int, batch: int = 4, dtype=None):
+    """A random batch of 5-step windows for `tiny_dt` (float32 unless ``dtype``)."""
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(seed)
+    k = 5
+    return {
+        "states": torch.randn(batch, k, STATE_DIM, generator=g, dtype=dtype),
+        "actions": torch.rand(batch, k, ACT_DIM, generator=g, dtype=dtype) * 2 - 1,
+        "rewards": torch.randn(batch, k, 1, generator=g, dtype=dtype),
+        "returns_to_go": torch.randn(batch, k, 1, generator=g, dtype=dtype),
+        "timesteps": torch.randint(0, 100, (batch, k), generator=g),
+    }
+
+
+@torch.no_grad()
+def out(model, batch):
+    """The predicted actions (B, K, act_dim)."""
+    return model(**batch)
+
+
+@torch.no_grad()
+def hidden(model, batch):
+    """The last hidden states (magnitude ~1, more sensitive than the tanh action head)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.hidden_states(**batch)
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference of two tensors."""
+    return float((a - b).abs().max())

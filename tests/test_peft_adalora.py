@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import TASKS, experiment
+from helpers import TASKS, dt_batch, experiment, hidden, max_diff, out, tiny_dt
 from safetensors.torch import load_file, save_file
 
 from agents.dt_agent import DTAgent
@@ -28,50 +28,15 @@ from eva_rl.adapters import (
     set_active_adapter,
 )
 from eva_rl.adapters.peft_format import PEFT_ADALORA_EPS, PROVENANCE_FILE, peft_adalora_schedule
-from eva_rl.models.dt import DecisionTransformer, DTConfig
 
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-6
-STATE_DIM, ACT_DIM = 6, 3
 INIT_R = 4
 SCHEDULE = AdaLoraSchedule(total_steps=12, target_rank=2, tinit=2, tfinal=3, delta_t=1,
                            beta1=0.8, beta2=0.9, orth_reg_weight=0.3)
-
-
-def tiny_dt(seed: int = 0) -> DecisionTransformer:
-    torch.manual_seed(seed)
-    cfg = DTConfig.preset("tiny", state_dim=STATE_DIM, act_dim=ACT_DIM, dropout=0.0)
-    return DecisionTransformer(cfg).eval()
-
-
-def dt_batch(seed: int, batch: int = 4, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    k = 5
-    return {
-        "states": torch.randn(batch, k, STATE_DIM, generator=g, dtype=dtype),
-        "actions": torch.rand(batch, k, ACT_DIM, generator=g, dtype=dtype) * 2 - 1,
-        "rewards": torch.randn(batch, k, 1, generator=g, dtype=dtype),
-        "returns_to_go": torch.randn(batch, k, 1, generator=g, dtype=dtype),
-        "timesteps": torch.randint(0, 100, (batch, k), generator=g),
-    }
-
-
-@torch.no_grad()
-def out(model, batch) -> torch.Tensor:
-    return model(**batch)
-
-
-@torch.no_grad()
-def hidden(model, batch) -> torch.Tensor:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.hidden_states(**batch)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from helpers import dt_batch, hidden, max_diff, out, tiny_dt
 from safetensors.torch import load_file, save_file
 
 from eva_rl.adapters import (
@@ -23,48 +24,12 @@ from eva_rl.adapters import (
 )
 from eva_rl.adapters.peft_format import PROVENANCE_FILE, peft_pattern_key
 from eva_rl.eva import EvaConfig, apply_eva, compute_eva
-from eva_rl.models.dt import DecisionTransformer, DTConfig
 
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-6
-STATE_DIM, ACT_DIM = 6, 3
-
-
-def tiny_dt(seed: int = 0) -> DecisionTransformer:
-    torch.manual_seed(seed)
-    return DecisionTransformer(DTConfig.preset("tiny", state_dim=STATE_DIM, act_dim=ACT_DIM)).eval()
-
-
-def dt_batch(seed: int, batch: int = 4, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    k = 5
-    return {
-        "states": torch.randn(batch, k, STATE_DIM, generator=g, dtype=dtype),
-        "actions": torch.rand(batch, k, ACT_DIM, generator=g, dtype=dtype) * 2 - 1,
-        "rewards": torch.randn(batch, k, 1, generator=g, dtype=dtype),
-        "returns_to_go": torch.randn(batch, k, 1, generator=g, dtype=dtype),
-        "timesteps": torch.randint(0, 100, (batch, k), generator=g),
-    }
-
-
-@torch.no_grad()
-def out(model, batch) -> torch.Tensor:
-    """The predicted actions (B, K, act_dim)."""
-    return model(**batch)
-
-
-@torch.no_grad()
-def hidden(model, batch) -> torch.Tensor:
-    """The last hidden states (magnitude ~1, more sensitive than the tanh action head)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.hidden_states(**batch)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 @torch.no_grad()
