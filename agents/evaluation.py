@@ -1,8 +1,12 @@
 """Batched success-rate evaluation of a `DTAgent` over many tasks at once.
 
-All episodes of all tasks run as one synchronous vector env (`envs.make_vec_env`, one env
-per episode: env `i` runs `tasks[i // n_episodes]` with seed `seed + i`). Every step the
-agent's `RolloutContext` does one model forward for the whole batch; when the model holds
+Every episode has its own env: env `i` runs `tasks[i // n_episodes]` with seed `seed + i`,
+as in `envs.make_vec_env`. The envs come from an `envs.EnvPool` (by default the process's
+`default_pool()`), which keeps them between calls and reseeds them, and the episodes run
+in waves of at most `wave_size` envs stepping together as one synchronous vector env (a
+bound on the envs alive at once; each env's episode is the same in any wave, see
+`evaluate`). Every step the agent's `RolloutContext` does one model forward for the whole
+wave; when the model holds
 task adapters, envs are grouped by the adapter their task uses and each group gets one
 forward per step (adapters are switched per module, not per sample). Per env the
 return-to-go follows RTG <- min(RTG - r / scale, target / scale); an episode succeeds if
@@ -19,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.dt_agent import DTAgent
-from envs import final_step_infos, make_vec_env, resolve_tasks
+from envs import EnvPool, default_pool, final_step_infos, resolve_tasks
 from eva_rl.adapters import active_adapter, adapter_layers
 from eva_rl.progress import progress_bar
 from eva_rl.state import preserve_model_state
@@ -27,8 +31,20 @@ from eva_rl.state import preserve_model_state
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_WAVE_SIZE = 50
+"""Most envs `evaluate` steps at once. The model's cost per env step hardly falls past
+batches of ~10 on a CPU (scripts/bench/bench_eval.py), while every env costs 20-30 MB."""
+
+
 def _unique(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))  # CW20 repeats CW10: evaluate each task once
+
+
+def _waves(n: int, size: int) -> list[range]:
+    """Env indices ``0..n-1`` in consecutive waves of at most ``size``, as even as possible."""
+    k = -(-n // size)
+    bounds = [i * n // k for i in range(k + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def evaluate(
@@ -38,28 +54,39 @@ def evaluate(
     seed: int = 0,
     max_episode_steps: int = 200,
     progress: bool = True,
+    pool: EnvPool | None = None,
+    wave_size: int = DEFAULT_WAVE_SIZE,
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
 
     `tasks` is anything `envs.resolve_tasks` accepts (suite name, names, comma list);
-    repeated tasks are evaluated once. Returns, per resolved task name, a JSON-able dict:
+    repeated tasks are evaluated once. The envs come from `pool` (default: this process's
+    `envs.default_pool()`; ``EnvPool(max_envs=0)`` builds fresh ones and closes them) and
+    run in waves of at most `wave_size` envs. Neither changes the episodes: an env
+    reseeded by the pool replays a fresh one's, and each episode's actions do not depend
+    on which others share its batch (row-wise model; tests/test_evaluation.py checks
+    both). Returns, per resolved task name, a JSON-able dict:
     ``success_rate``, ``mean_return``, ``mean_length``, ``n_episodes``, ``seeds`` (the env
     seeds of its episodes), ``target_return``, ``adapter`` (None = base model) and the
     per-episode lists ``successes``, ``returns``, ``lengths``.
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    if wave_size < 1:
+        raise ValueError(f"wave_size must be >= 1, got {wave_size}")
     names = _unique(resolve_tasks(tasks))
     for task in names:
         agent.target_return(task)  # a clear error for a task the agent has no target for
     env_tasks = [task for task in names for _ in range(n_episodes)]
     seeds = [seed + i for i in range(len(env_tasks))]
-    venv = make_vec_env(names, n_envs=n_episodes, seed=seed, max_episode_steps=max_episode_steps)
-    try:
-        episodes = run_episodes(agent, venv, env_tasks, progress=progress,
-                                max_steps=max_episode_steps)
-    finally:
-        venv.close()
+    pool = default_pool() if pool is None else pool
+    parts = []
+    for wave in _waves(len(env_tasks), wave_size):
+        wave_tasks = [env_tasks[i] for i in wave]
+        with pool.vector_env(wave_tasks, [seeds[i] for i in wave], max_episode_steps) as venv:
+            parts.append(run_episodes(agent, venv, wave_tasks, progress=progress,
+                                      max_steps=max_episode_steps))
+    episodes = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
                 seeds[0], seeds[-1])
     results: dict[str, dict[str, Any]] = {}

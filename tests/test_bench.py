@@ -69,8 +69,9 @@ def test_bench_eval(capsys):
                      "--loop-episodes", "1", "--max-steps", "10", "--repeats", "1",
                      "--forward-threads", "1", "--forward-reps", "2"])
     out = capsys.readouterr().out
-    assert re.search(r"repeat 0: batched \d+ steps/s \(20 steps", out)
-    assert re.search(rf"batched / raw env +{NUMBER} +\(goal >= 0.7\)", out)
+    assert re.search(r"repeat 0: fresh envs \d+ steps/s \(.* s\), pooled \d+", out)
+    assert re.search(rf"pooled / raw env +{NUMBER} +\(goal >= 0.7\)", out)
+    assert re.search(rf"pooled / fresh +{NUMBER}x", out)
     assert re.search(rf"1 thread\(s\): full window \(\d+ steps\) {NUMBER} ms", out)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate, run_episodes
-from envs import make_env, make_vec_env
+from envs import EnvPool, make_env, make_vec_env, resolve_task
 from eva_rl.adapters import AdapterConfig, active_adapter, add_adapter
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.models.inference import RolloutContext
@@ -186,3 +186,72 @@ def test_context_errors():
         ctx.push_observations(np.zeros((2, 39)))
     with pytest.raises(ValueError, match="state_mean has shape"):
         RolloutContext(model, 2, np.zeros(10), np.ones(39), 1.0)
+
+
+def agent_for(tasks, seed: int = 0) -> DTAgent:
+    agent = tiny_agent(seed)
+    agent.target_returns.update({resolve_task(t): 400.0 for t in tasks})
+    return agent
+
+
+EPISODE_KEYS = ("successes", "returns", "lengths", "seeds")
+
+
+def episodes(results: dict) -> dict:
+    return {task: {k: r[k] for k in EPISODE_KEYS} for task, r in results.items()}
+
+
+def test_pooled_envs_replay_fresh_envs_over_many_calls():
+    """A pool reused across calls with other seeds and task sets gives today's episodes."""
+    agent = agent_for(["drawer-close", "reach"])
+    calls = [  # (tasks, n_episodes, seed): overlapping task sets, shifting seeds
+        (["hammer", "push-wall"], 2, 7),
+        (["push-wall"], 3, 100),
+        (["hammer", "drawer-close"], 2, 7),
+        (["reach", "hammer", "push-wall"], 1, 3),
+        (["hammer", "push-wall"], 2, 7),  # the first call again, on reused envs only
+    ]
+    pool = EnvPool(max_envs=20)
+    for tasks, n, seed in calls:
+        kwargs = dict(n_episodes=n, seed=seed, max_episode_steps=STEPS, progress=False)
+        pooled = evaluate(agent, tasks, pool=pool, **kwargs)
+        fresh = evaluate(agent, tasks, pool=EnvPool(max_envs=0), **kwargs)
+        assert episodes(pooled) == episodes(fresh)  # exactly: same arithmetic, same envs
+    assert pool.created == 2 + 3 + 2 + 1  # hammer, push-wall, drawer-close, reach at most
+    assert pool.reused == sum(len(t) * n for t, n, _ in calls) - pool.created
+    assert len(pool) == pool.created
+    # and the fresh envs are today's: the vector env of make_vec_env
+    first = evaluate(agent, ["hammer", "push-wall"], n_episodes=2, seed=7,
+                     max_episode_steps=STEPS, progress=False, pool=pool)
+    venv = make_vec_env(["hammer", "push-wall"], n_envs=2, seed=7, max_episode_steps=STEPS)
+    ref = run_episodes(agent, venv, ["hammer-v3"] * 2 + ["push-wall-v3"] * 2, progress=False)
+    venv.close()
+    assert first["hammer-v3"]["returns"] + first["push-wall-v3"]["returns"] == \
+        ref["returns"].tolist()
+
+
+def test_waves_give_the_all_at_once_episodes():
+    agent = tiny_agent()
+    kwargs = dict(n_episodes=3, seed=11, max_episode_steps=STEPS, progress=False,
+                  pool=EnvPool(max_envs=6))
+    at_once = evaluate(agent, TASKS, wave_size=6, **kwargs)
+    for size in (1, 2):  # waves of 1, and of 2 (the second mixes the two tasks)
+        waves = evaluate(agent, TASKS, wave_size=size, **kwargs)
+        for task in TASKS:
+            assert waves[task]["successes"] == at_once[task]["successes"]
+            assert waves[task]["lengths"] == at_once[task]["lengths"]
+            # bitwise equal on the CPUs measured; a BLAS may round a batch differently
+            np.testing.assert_allclose(waves[task]["returns"], at_once[task]["returns"],
+                                       rtol=1e-6)
+    assert kwargs["pool"].created == 6
+
+
+def test_waves_are_even_and_cover_every_env():
+    from agents.evaluation import _waves
+
+    assert [list(w) for w in _waves(5, 2)] == [[0], [1, 2], [3, 4]]
+    assert [len(w) for w in _waves(100, 50)] == [50, 50]
+    assert [len(w) for w in _waves(101, 50)] == [33, 34, 34]
+    assert [list(w) for w in _waves(3, 10)] == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="wave_size must be >= 1"):
+        evaluate(tiny_agent(), ["hammer"], n_episodes=1, wave_size=0, progress=False)
