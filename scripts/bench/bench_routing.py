@@ -22,7 +22,6 @@ Example (the README's figures; ~20 minutes on the shared 2-core machine):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -30,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import NOISY
 
 from agents.collection import collect_datasets
 from agents.evaluation import evaluate
@@ -45,6 +43,8 @@ from eva_rl.data import open_datasets
 from eva_rl.eva import EvaConfig
 from eva_rl.io import write_json_atomic
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain, pretrain_train_config
+
+from common import NOISY
 
 ROUTED = ("eva", "obs", "embedding")
 
