@@ -174,8 +174,12 @@ class FinetuneConfig:
                                delta_t=self.adalora_delta_t)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able copy."""
+        """JSON-able copy. The routing settings are left out at their defaults, so runs
+        started before they existed compare equal on ``--resume``."""
         d = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if d[name] == _LATER_FIELDS[name]:
+                del d[name]
         d["train"] = self.train.to_dict()
         if self.eva_token_types is not None:
             d["eva_token_types"] = list(self.eva_token_types)
@@ -199,6 +203,9 @@ class FinetuneConfig:
             changes["train"] = dataclasses.replace(changes.get("train", self.train), **train)
         return dataclasses.replace(self, **changes)
 
+
+_LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False}
+"""Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
     # one method over all of CW10 (`single`) in ~5-8 minutes on 2 CPU cores, small DT

@@ -171,3 +171,15 @@ def test_model_fingerprint_sees_every_weight():
     with torch.no_grad():
         net.b.bias[0] += 1e-6
     assert model_fingerprint(net.state_dict()) != fp
+
+
+def test_finetune_config_routing_round_trip_and_old_runs_compare_equal():
+    from agents.finetune import FinetuneConfig
+
+    plain = FinetuneConfig().to_dict()
+    assert "routing" not in plain  # a run recorded before routing existed resumes
+    cfg = FinetuneConfig(routing="eva", routing_after=3)
+    back = FinetuneConfig.from_dict(cfg.to_dict())
+    assert back.router_config().router == "eva" and back.routing_after == 3
+    with pytest.raises(ValueError, match="unknown router 'evaa'"):
+        FinetuneConfig(routing="evaa")
