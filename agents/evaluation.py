@@ -11,10 +11,15 @@ task adapters, envs are grouped by the adapter their task uses and each group ge
 forward per step (adapters are switched per module, not per sample). Per env the
 return-to-go follows RTG <- min(RTG - r / scale, target / scale); an episode succeeds if
 `info["success"]` was true at any of its steps.
+
+`routing` other than ``"oracle"`` does not tell the agent the tasks: each episode picks its
+adapter with the agent's router (`agents.routing`), and each task's result gains a
+``routing`` entry (per episode: chosen adapter, decided, share of correct decisions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -56,8 +61,12 @@ def evaluate(
     progress: bool = True,
     pool: EnvPool | None = None,
     wave_size: int = DEFAULT_WAVE_SIZE,
+    routing: Any = "oracle",
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
+
+    `routing`: ``"oracle"`` (the task is given), a router name of `agents.routing.ROUTERS`
+    (with the agent's `routing` settings otherwise) or a `RouterConfig`.
 
     `tasks` is anything `envs.resolve_tasks` accepts (suite name, names, comma list);
     repeated tasks are evaluated once. The envs come from `pool` (default: this process's
@@ -75,8 +84,10 @@ def evaluate(
     if wave_size < 1:
         raise ValueError(f"wave_size must be >= 1, got {wave_size}")
     names = _unique(resolve_tasks(tasks))
+    router = _router(agent, routing)
     for task in names:
-        agent.target_return(task)  # a clear error for a task the agent has no target for
+        if router is None:
+            agent.target_return(task)  # a clear error for a task the agent has no target for
     env_tasks = [task for task in names for _ in range(n_episodes)]
     seeds = [seed + i for i in range(len(env_tasks))]
     pool = default_pool() if pool is None else pool
@@ -85,8 +96,8 @@ def evaluate(
         wave_tasks = [env_tasks[i] for i in wave]
         with pool.vector_env(wave_tasks, [seeds[i] for i in wave], max_episode_steps) as venv:
             parts.append(run_episodes(agent, venv, wave_tasks, progress=progress,
-                                      max_steps=max_episode_steps))
-    episodes = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+                                      max_steps=max_episode_steps, router=router))
+    episodes = _concatenate(parts)
     logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
                 seeds[0], seeds[-1])
     results: dict[str, dict[str, Any]] = {}
@@ -99,13 +110,42 @@ def evaluate(
             "mean_length": float(length.mean()),
             "n_episodes": len(rows),
             "seeds": [seeds[i] for i in rows],
-            "target_return": agent.target_return(task),
+            "target_return": agent.target_returns.get(task),
             "adapter": agent.adapter_for(task),
             "successes": [bool(x) for x in succ],
             "returns": [float(x) for x in ret],
             "lengths": [int(x) for x in length],
         }
+        if router is not None:
+            results[task]["routing"] = {k: [episodes["routing"][k][i] for i in rows]
+                                        for k in episodes["routing"]}
+            results[task]["router"] = router.config.router
     return results
+
+
+def _concatenate(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The waves' per-env results as one (arrays joined; the routing lists too)."""
+    joined: dict[str, Any] = {}
+    for key, first in parts[0].items():
+        if isinstance(first, dict):
+            joined[key] = {k: [v for part in parts for v in part[key][k]] for k in first}
+        else:
+            joined[key] = np.concatenate([part[key] for part in parts])
+    return joined
+
+
+def _router(agent: DTAgent, routing: Any) -> Any:
+    """None for the oracle, else the agent's `Router` for `routing`."""
+    from agents.routing import RouterConfig
+
+    if routing is None or routing == "oracle":
+        return None
+    if isinstance(routing, str):
+        base = agent.routing or RouterConfig()
+        routing = dataclasses.replace(base, router=routing)
+    if routing.router == "oracle":
+        return None
+    return agent.make_router(routing)
 
 
 def run_episodes(
@@ -114,7 +154,8 @@ def run_episodes(
     env_tasks: Sequence[str],
     progress: bool = True,
     max_steps: int | None = None,
-) -> dict[str, np.ndarray]:
+    router: Any = None,
+) -> dict[str, Any]:
     """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
 
     `max_steps` (the envs' horizon) only sizes the progress bar.
@@ -131,14 +172,22 @@ def run_episodes(
             f"the envs' observations have shape {obs_shape} but the model's state_dim is "
             f"{agent.config.state_dim}: this model was trained for other observations"
         )
-    targets = np.array([agent.target_return(t) for t in env_tasks], dtype=np.float32)
+    if router is None:
+        targets = np.array([agent.target_return(t) for t in env_tasks], dtype=np.float32)
     groups: dict[str | None, np.ndarray] = {}
     adapters = [agent.adapter_for(t) for t in env_tasks]
     for name in dict.fromkeys(adapters):
         groups[name] = np.array([i for i, a in enumerate(adapters) if a == name])
     model = agent.model
     has_adapters = bool(adapter_layers(model))
-    ctx = agent.new_context(n, targets)
+    if router is None:
+        ctx = agent.new_context(n, targets)
+    else:  # the tasks are not told: every episode starts from the router's default target
+        from agents.routing import RoutedContext, episode_routing, routed_actions
+
+        ctx = RoutedContext(model, n, agent.state_mean, agent.state_std,
+                            router.default_target(), reward_scale=agent.reward_scale,
+                            device=agent.device)
     successes = np.zeros(n, dtype=bool)
     returns = np.zeros(n, dtype=np.float64)
     lengths = np.zeros(n, dtype=np.int64)
@@ -153,7 +202,9 @@ def run_episodes(
         obs, _ = venv.reset()
         while running.any():
             ctx.push_observations(obs)
-            for name, rows in groups.items():
+            if router is not None:
+                actions[:] = routed_actions(agent, ctx, router, running)
+            for name, rows in (groups.items() if router is None else ()):
                 if has_adapters and name != current:
                     agent.use_adapter(name)
                     current = name
@@ -170,4 +221,7 @@ def run_episodes(
             lengths[running] += 1
             running &= ~ended
             bar.update(1)
-    return {"successes": successes, "returns": returns, "lengths": lengths}
+    out: dict[str, Any] = {"successes": successes, "returns": returns, "lengths": lengths}
+    if router is not None:
+        out["routing"] = episode_routing(ctx, [agent.adapter_for(t) for t in env_tasks])
+    return out

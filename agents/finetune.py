@@ -29,6 +29,7 @@ import torch
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.methods import Method
+from agents.routing import RouterConfig, load_signature, save_signature, task_signature
 from eva_rl.adapters import (
     AdaLoraAllocator,
     AdaLoraSchedule,
@@ -49,6 +50,7 @@ from eva_rl.eva import (
     log_eva,
 )
 from eva_rl.metrics import success_auc
+from eva_rl.routing import SignatureError, TaskSignature
 from eva_rl.schema import check_known_fields
 from eva_rl.state import preserve_model_state
 from eva_rl.tensorboard import RunLogger
@@ -121,6 +123,14 @@ class FinetuneConfig:
     """AdaLoRA: share of the updates at the end with the allocation frozen."""
     adalora_delta_t: int = 10
     """AdaLoRA: updates between two re-allocations during the budget phase."""
+    routing: str = "oracle"
+    """``sequential``: how every evaluation after a task picks adapters among those trained
+    so far: ``oracle`` (told the task), ``eva``, ``obs`` or ``embedding`` (`agents.routing`)."""
+    routing_after: int = 5
+    """Observations of an episode seen before the router decides (the base model acts
+    until then)."""
+    routing_redecide: bool = False
+    """Let the router decide again at every later step."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, Mapping):
@@ -142,6 +152,12 @@ class FinetuneConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.fft_lr > 0:
             raise ValueError(f"fft_lr must be > 0, got {self.fft_lr}")
+        self.router_config()  # validates routing and routing_after
+
+    def router_config(self) -> RouterConfig:
+        """The `RouterConfig` of the routing settings."""
+        return RouterConfig(router=self.routing, decide_after=self.routing_after,
+                            redecide=self.routing_redecide)
 
     def adapter_rank(self, method: Method) -> int:
         """The rank a new adapter of ``method`` starts with (AdaLoRA: its initial rank)."""
@@ -158,8 +174,12 @@ class FinetuneConfig:
                                delta_t=self.adalora_delta_t)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able copy."""
+        """JSON-able copy. The routing settings are left out at their defaults, so runs
+        started before they existed compare equal on ``--resume``."""
         d = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if d[name] == _LATER_FIELDS[name]:
+                del d[name]
         d["train"] = self.train.to_dict()
         if self.eva_token_types is not None:
             d["eva_token_types"] = list(self.eva_token_types)
@@ -183,6 +203,9 @@ class FinetuneConfig:
             changes["train"] = dataclasses.replace(changes.get("train", self.train), **train)
         return dataclasses.replace(self, **changes)
 
+
+_LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False}
+"""Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
     # one method over all of CW10 (`single`) in ~5-8 minutes on 2 CPU cores, small DT
@@ -352,6 +375,29 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
     return count_parameters(model, task), seconds, dict(result.ranks), result
 
 
+def ensure_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, method: Method,
+                     config: FinetuneConfig, seed: int, task_dir: Path,
+                     eva_result: EvaResult | None) -> tuple[TaskSignature | None, float]:
+    """The task's routing signature on the frozen base, written to ``task_dir/signature/``
+    (reused if there; EVA's components where the method computed them): (signature,
+    seconds). ``fft`` changes the base itself, so it has none."""
+    if method.is_full:
+        return None, 0.0
+    try:
+        return load_signature(task_dir, task, agent.fingerprint()), 0.0
+    except SignatureError:
+        if (task_dir / "signature").exists():
+            raise
+    t0 = time.perf_counter()
+    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, method.min_rho), tau=config.tau,
+                           max_batches=config.eva_max_batches, seed=seed)
+    signature = task_signature(agent, task, dataset, eva_config=eva_config,
+                               eva_result=eva_result, batch_size=config.eva_batch_size,
+                               max_batches=config.eva_max_batches, seed=seed)
+    save_signature(signature, task_dir)
+    return signature, time.perf_counter() - t0
+
+
 def train_config(method: Method, config: FinetuneConfig, seed: int) -> TrainConfig:
     """The Trainer settings of one task: ``config.train`` with the method's learning rate."""
     lr = config.fft_lr if method.is_full else config.train.lr
@@ -399,6 +445,8 @@ def finetune_task(
     agent.set_task(task, target_return=agent.target_returns.get(task, target))
     trainable, eva_seconds, ranks, eva_result = attach_method(
         agent, task, dataset, method, config, s, task_dir)
+    _, signature_seconds = ensure_signature(agent, task, dataset, method, config, s, task_dir,
+                                            eva_result)
 
     n_ep = config.eval_episodes
     first_seed = eval_seed(seed) + n_ep * (index if eval_slot is None else eval_slot)
@@ -449,6 +497,7 @@ def finetune_task(
         "eval_seconds": curve_cb.eval_seconds,
         "eva_seconds": eva_seconds,
         "eva_share": min(eva_seconds / total, 1.0) if total > 0 else 0.0,
+        "signature_seconds": signature_seconds,
         "first_grad_norm": float(history[0][2]) if history else None,
         "loss_curve": loss_curve(history, config.train.log_every),
         "success_curve": {"steps": curve[:, 0].astype(int).tolist(),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from agents.evaluation import evaluate
 from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
 from agents.methods import Method, get_method, parse_methods
 from agents.reports.results import empty_results, write_json
+from agents.routing import SIGNATURE_DIR, load_signature, routing_summary
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
@@ -354,8 +356,18 @@ def run_single_task(exp: Experiment, datasets: Mapping[str, TrajectoryDataset],
 
 def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
                    seed: int, run: Path, hook: TaskHook | None = None) -> None:
-    """The tasks in order on one agent; a success-matrix row after each task."""
+    """The tasks in order on one agent; a success-matrix row after each task.
+
+    With ``config.routing`` other than ``oracle`` every row is measured without telling
+    the agent the tasks (its router picks among the adapters trained so far, so misrouting
+    shows as forgetting); the record then also holds the oracle's row and the routing
+    accuracy and confusion (`agents.routing.routing_summary`)."""
+    routing = exp.config.router_config()
+    if routing.router != "oracle" and method.is_full:
+        raise ValueError(f"routing={routing.router!r} chooses among task adapters; "
+                         f"{method.name} trains one model, there is nothing to route")
     agent = load_agent(exp, datasets)
+    agent.routing = routing
     unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
     for i, task in enumerate(exp.tasks):
         tdir = task_dir_of(run, i, task)
@@ -366,13 +378,32 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                                index=i, hook=hook, eval_slot=unique.index(task))
         _save_state(agent, method, task, tdir)
         t0 = time.perf_counter()
-        row = evaluate(agent, unique, n_episodes=exp.config.eval_episodes,
-                       seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
-                       progress=exp.config.train.progress)
+        evaluate_row = functools.partial(
+            evaluate, agent, unique, n_episodes=exp.config.eval_episodes,
+            seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
+            progress=exp.config.train.progress)
+        row = evaluate_row(routing=routing.router)
         record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
         record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
         record["row_eval_seconds"] = time.perf_counter() - t0
+        if routing.router != "oracle":
+            t1 = time.perf_counter()
+            oracle = evaluate_row(routing="oracle")
+            summary = routing_summary(row, agent.adapter_names)
+            record["oracle_success_row"] = [oracle[t]["success_rate"] for t in exp.tasks]
+            record["oracle_row_eval_seconds"] = time.perf_counter() - t1
+            record["routing"] = {"router": routing.router, "decide_after": routing.decide_after,
+                                 "redecide": routing.redecide,
+                                 "accuracy_row": [summary["per_task"][t] for t in exp.tasks],
+                                 **summary}
         write_json(tdir / RECORD_FILE, record)
+
+
+def _add_signature(agent: DTAgent, task: str, tdir: Path) -> None:
+    """Give the agent's routers the finished task's signature (runs written before there
+    were signatures have none: routing then names the task that lacks one)."""
+    if (tdir / SIGNATURE_DIR).exists():
+        agent.add_signature(load_signature(tdir, task, agent.fingerprint()))
 
 
 def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
@@ -381,6 +412,7 @@ def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
         save_weights(agent.model, tdir / "model.safetensors")
     else:
         save_adapter(agent.model, task, tdir / "adapter", overwrite=True)
+        _add_signature(agent, task, tdir)
 
 
 def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
@@ -391,6 +423,7 @@ def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> Non
         if task in agent.adapter_names:  # a repeated task (CW20): its adapter trained on
             delete_adapter(agent.model, task)
         load_adapter(agent.model, tdir / "adapter", name=task)
+        _add_signature(agent, task, tdir)
 
 
 def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:

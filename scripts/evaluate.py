@@ -1,12 +1,27 @@
-r"""Evaluate a pretrained (or fine-tuned) run: success rate per task, batched rollouts.
+r"""Evaluate a pretrained or fine-tuned run: success rate per task, batched rollouts.
 
-Loads the run directory with `DTAgent.load` (base model plus any task adapters under
-`RUN/adapters/<task>/`; the format is `eva_rl.training.run`'s), runs `--episodes` episodes
-per task in parallel envs and prints a table; `--out` also writes the results as JSON.
+`--run` is a pretraining run (`DTAgent.load`: base model plus any `RUN/adapters/<task>/`)
+or a fine-tuning run (`scripts/finetune.py --out`; pick one of its runs with `--method` and
+`--seed`: the pretrained base with every finished task's adapter and signature). Runs
+`--episodes` episodes per task in parallel envs and prints a table; `--out` also writes
+the results as JSON.
 
-Example:
+`--routing eva|obs|embedding` does not tell the agent the tasks: every episode chooses
+its adapter itself after `--routing-after` observations (agents.routing); the table and
+JSON then hold the routing accuracy overall and per task, the unknown-task rate and the
+confusion matrix (true task x chosen adapter). `--routing oracle` (default) gives each
+task its own adapter.
+
+A task the run has no target return for (e.g. a CW10 task, zero-shot, from an MT40
+model) is conditioned on `--target-return` (default: the largest target return the run
+knows for any task; Decision Transformers are conditioned on high returns).
+
+Examples:
     python scripts/evaluate.py --run runs/pretrain-small --tasks MT40 --episodes 10 \
         --seed 0 --out runs/pretrain-small/results.json
+    python scripts/evaluate.py --run runs/pretrain-small --tasks CW10        # zero-shot
+    python scripts/evaluate.py --run runs/cw10-seq --method eva --seed 0 --tasks CW10 \
+        --routing eva --out r.json
 """
 
 from __future__ import annotations
@@ -20,6 +35,9 @@ import torch
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
+from agents.finetuned import is_finetune_run, load_finetuned_agent
+from agents.routing import ROUTERS, RouterConfig, routing_summary
+from envs import resolve_tasks
 from eva_rl.io import write_json_atomic
 from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 
@@ -27,12 +45,27 @@ from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True,
-                   help=f"run directory ({CONFIG_FILE}, {WEIGHTS_FILE}, {ADAPTERS_DIR}/<task>/)")
-    p.add_argument("--tasks", required=True, nargs="+",
-                   help="suite names (CW10, MT40, ...) and/or task names")
-    p.add_argument("--episodes", type=int, default=10, help="episodes per task")
-    p.add_argument("--seed", type=int, default=0, help="env i of the batch gets seed + i")
+                   help=f"pretraining run ({CONFIG_FILE}, {WEIGHTS_FILE}, {ADAPTERS_DIR}/<task>/) "
+                        "or fine-tuning run directory")
+    p.add_argument("--method", default=None, help="fine-tuning run: which method's adapters")
+    p.add_argument("--seed-run", dest="run_seed", type=int, default=None,
+                   help="fine-tuning run: which seed's adapters (default: --seed)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="suite names (CW10, MT40, ...) and/or task names (default for a "
+                        "fine-tuning run: its finished tasks)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task (>= 1)")
+    p.add_argument("--seed", type=int, default=0, help="env i of the batch gets seed + i; "
+                   "also the fine-tuning run's seed unless --seed-run")
     p.add_argument("--max-steps", type=int, default=200, help="episode horizon")
+    p.add_argument("--target-return", type=float, default=None,
+                   help="target return of tasks the run has none for (default: the largest "
+                        "target return the run knows)")
+    p.add_argument("--routing", choices=ROUTERS, default="oracle",
+                   help="how episodes pick their adapter (oracle: told the task)")
+    p.add_argument("--routing-after", type=int, default=RouterConfig.decide_after,
+                   help="observations seen before the router decides (the base acts before)")
+    p.add_argument("--routing-redecide", action="store_true",
+                   help="let the router decide again at every later step")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; 1 is often fastest for small CPU models "
@@ -42,32 +75,94 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before anything is loaded or written (one-line ValueError)."""
+    for name in ("episodes", "max_steps", "routing_after", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.target_return is not None and not torch.isfinite(torch.tensor(args.target_return)):
+        raise ValueError(f"--target-return must be finite, got {args.target_return}")
+    if args.out is not None and args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists (pass --force to replace it)")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory, not a file")
+
+
+def load_agent(args: argparse.Namespace) -> DTAgent:
+    """The agent of --run (a fine-tuning run needs --method)."""
+    if is_finetune_run(args.run):
+        if args.method is None:
+            raise ValueError(f"{args.run} is a fine-tuning run: pass --method (and --seed-run "
+                             "if its seed differs from --seed)")
+        seed = args.seed if args.run_seed is None else args.run_seed
+        return load_finetuned_agent(args.run, args.method, seed, device=args.device)
+    if args.method is not None or args.run_seed is not None:
+        raise ValueError(f"{args.run} is not a fine-tuning run: --method/--seed-run do not apply")
+    return DTAgent.load(args.run, device=args.device)
+
+
+def fill_target_returns(agent: DTAgent, tasks: list[str], target: float | None) -> list[str]:
+    """Give every task without a target return `target` (default: the largest known);
+    returns the tasks that got one."""
+    missing = [t for t in tasks if t not in agent.target_returns]
+    if missing:
+        if target is None:
+            if not agent.target_returns:
+                raise ValueError("the run knows no target return: pass --target-return")
+            target = max(agent.target_returns.values())
+        for t in missing:
+            agent.target_returns[t] = float(target)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.out is not None and args.out.exists() and not args.force:
-        print(f"error: {args.out} exists (pass --force to replace it)", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
-        agent = DTAgent.load(args.run, device=args.device)
-        tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+        check_args(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        agent = load_agent(args)
+        specs = args.tasks or (agent.run_config or {}).get("tasks")
+        if not specs:
+            raise ValueError("pass --tasks (the run lists none)")
+        tasks = list(dict.fromkeys(resolve_tasks(
+            [t for spec in specs for t in spec.split(",") if t])))
+        assumed = fill_target_returns(agent, tasks, args.target_return)
+        routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
+                               redecide=args.routing_redecide)
         results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                           max_episode_steps=args.max_steps)
-    except ValueError as err:  # an unusable run (CheckpointError), unknown task, no target
+                           max_episode_steps=args.max_steps, routing=routing)
+    except (ValueError, FileNotFoundError) as err:  # unusable run, adapter, signature, task
         print(f"error: {err}", file=sys.stderr)
         return 2
+    summary = routing_summary(results, agent.adapter_names) if args.routing != "oracle" else None
     width = max(len(t) for t in results)
-    print(f"{'task':<{width}}  success  mean return  mean length  adapter")
+    route_head = "  routing acc" if summary else ""
+    print(f"{'task':<{width}}  success  mean return  mean length  adapter{route_head}")
     for task, r in results.items():
+        acc = f"  {summary['per_task'][task]:11.2f}" if summary else ""
         print(f"{task:<{width}}  {r['success_rate']:7.2f}  {r['mean_return']:11.1f}  "
-              f"{r['mean_length']:11.1f}  {r['adapter'] or '-'}")
+              f"{r['mean_length']:11.1f}  {(r['adapter'] or '-'):<7}{acc}")
     mean = sum(r["success_rate"] for r in results.values()) / len(results)
     print(f"{'mean':<{width}}  {mean:7.2f}   ({args.episodes} episodes per task, seed {args.seed})")
+    if summary:
+        print(f"routing {args.routing} after {args.routing_after} observations: accuracy "
+              f"{summary['accuracy']:.2f}, unknown rate {summary['unknown_rate']:.2f}")
+    if assumed:
+        print(f"target return {agent.target_returns[assumed[0]]:.1f} assumed for "
+              f"{', '.join(assumed)}")
     if args.out is not None:
-        payload = {"run": str(args.run), "episodes": args.episodes, "seed": args.seed,
-                   "max_episode_steps": args.max_steps, "mean_success": mean, "tasks": results}
+        payload = {"run": str(args.run), "method": args.method, "episodes": args.episodes,
+                   "seed": args.seed, "max_episode_steps": args.max_steps,
+                   "routing": args.routing, "routing_after": args.routing_after,
+                   "routing_redecide": args.routing_redecide, "assumed_target_return": assumed,
+                   "mean_success": mean, "tasks": results}
+        if summary:
+            payload.update(routing_accuracy=summary["accuracy"],
+                           routing_per_task=summary["per_task"],
+                           unknown_rate=summary["unknown_rate"], confusion=summary["confusion"])
         write_json_atomic(args.out, payload)
         print(f"wrote {args.out}")
     return 0

@@ -10,6 +10,7 @@ Example:
         --protocol single --methods lora,eva,eva_dora --tasks CW10 --seeds 0 \
         --config cpu --out runs/cw10-single
     python scripts/finetune.py ... --out runs/cw10-single --resume
+    python scripts/finetune.py ... --protocol sequential --routing eva  # no task labels
     python scripts/finetune.py ... --executor ray                      # every core here
     python scripts/finetune.py ... --executor ray --ray-address HEAD:6379 --gpus-per-cell 0.25
 """
@@ -25,7 +26,7 @@ import torch
 
 from agents.executors import Executor, LocalExecutor, RayExecutor
 from agents.finetune import CONFIGS, FinetuneConfig, get_config
-from agents.methods import METHODS
+from agents.methods import METHODS, get_method
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.data import DatasetError
@@ -33,7 +34,7 @@ from eva_rl.schema import add_field_flags
 from eva_rl.training import TrainConfig
 
 CONFIG_FLAGS = ("rank", "alpha", "rho", "tau", "fft_lr", "eval_every", "eval_episodes",
-                "max_episode_steps")
+                "max_episode_steps", "routing", "routing_after")
 TRAIN_FLAGS = ("lr", "steps", "batch_size", "warmup_steps", "device")
 
 
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(config_fields=[
         *add_field_flags(fields, FinetuneConfig, CONFIG_FLAGS),
         *add_field_flags(fields, TrainConfig, TRAIN_FLAGS)])
+    p.add_argument("--routing-redecide", action="store_true", default=None,
+                   help="with --routing: let the router decide again at every step")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: for these small models one thread was "
                         "up to ~90x faster per forward than two on the shared 2-core machine)")
@@ -69,6 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ex.add_argument("--gpus-per-cell", type=float, default=0,
                     help="Ray GPUs of one cell (fractions pack cells: 0.25 = four per GPU)")
     return p.parse_args(argv)
+
+
+def check_routing(exp: Experiment) -> None:
+    """--routing needs the sequential protocol and adapter methods (before anything is
+    written)."""
+    if exp.config.routing == "oracle":
+        return
+    if exp.protocol != "sequential":
+        raise ValueError(f"--routing {exp.config.routing} needs --protocol sequential (under "
+                         "single every task is evaluated on its own adapter)")
+    full = [m for m in exp.methods if get_method(m).is_full]
+    if full:
+        raise ValueError(f"--routing {exp.config.routing}: {', '.join(full)} trains one model "
+                         "for all tasks; there are no task adapters to route among")
 
 
 def make_executor(args: argparse.Namespace) -> Executor:
@@ -88,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = get_config(args.config).replace(
             **{name: getattr(args, name) for name in args.config_fields},
+            routing_redecide=args.routing_redecide,
             progress=False if args.no_progress else None)
         exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
                          methods=args.methods.split(","), seeds=parse_seeds(args.seeds),
                          protocol=args.protocol, config=config)
+        check_routing(exp)
         executor = make_executor(args)
         t0 = time.perf_counter()
         results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,

@@ -145,6 +145,19 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
     return fig
 
 
+def figure_routing_confusion(run: dict) -> Figure:
+    """Heatmap of the last routed evaluation's confusion: true task x chosen adapter, as
+    shares of each task's episodes."""
+    conf = run["per_task"][-1]["routing"]["confusion"]
+    counts = np.asarray(conf["counts"], dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+    router = run["per_task"][-1]["routing"]["router"]
+    return _heatmap(shares, [short_name(t) for t in conf["rows"]],
+                    [short_name(c) for c in conf["cols"]],
+                    f"{run['method']} seed {run['seed']}: router {router}\n"
+                    "true task (row) x adapter chosen (column)")
+
+
 def build_figures(results: dict, summary: dict) -> dict[str, Figure]:
     """Every plot of the report, keyed by file stem."""
     figures: dict[str, Figure] = {}
@@ -165,6 +178,11 @@ def build_figures(results: dict, summary: dict) -> dict[str, Figure]:
         if fig is not None:
             seen.add(key)
             figures[f"eva_ranks_{run['protocol']}_{run['method']}"] = fig
+    for run in results["runs"]:
+        if run["protocol"] == "sequential" and run["per_task"] and \
+                run["per_task"][-1].get("routing"):
+            figures[f"routing_confusion_{run['method']}_seed{run['seed']}"] = \
+                figure_routing_confusion(run)
     return figures
 
 

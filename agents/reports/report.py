@@ -129,6 +129,7 @@ def render_markdown(results: dict, summary: dict, plots: Sequence[str] = ()) -> 
                  f"{100 * e['eva_share']:.1f}%"] for m, e in methods.items()]
         out += _table(["method", "trainable params / task", "fine-tuning seconds (all tasks)",
                        "EVA init share"], rows) + [""]
+    out += _routing_section(results)
     out += ["## Definitions", ""]
     out += [f"- **{name}**: {text}." for name, text in DEFINITIONS.items()] + [""]
     if plots:
@@ -180,6 +181,43 @@ def _continual_section(methods: dict, tasks: Sequence[str]) -> list[str]:
     return out
 
 
+def routed_runs(results: dict) -> list[dict]:
+    """Sequential runs whose evaluations routed (their records hold ``routing``)."""
+    return [r for r in results["runs"] if r["protocol"] == "sequential" and r["per_task"]
+            and r["per_task"][-1].get("routing")]
+
+
+def _routing_section(results: dict) -> list[str]:
+    out = []
+    for run in routed_runs(results):
+        last = run["per_task"][-1]
+        rt = last["routing"]
+        tasks = list(dict.fromkeys(run["tasks"]))
+        oracle = dict(zip(run["tasks"], last["oracle_success_row"], strict=True))
+        routed = dict(zip(run["tasks"], last["success_row"], strict=True))
+        out += [f"## Routing — {run['method']} seed {run['seed']} (router `{rt['router']}`, "
+                f"decision after {rt['decide_after']} observations"
+                f"{', re-decided every step' if rt['redecide'] else ''}; after the last task)",
+                ""]
+        rows = [[short_name(t), f"{rt['per_task'][t]:.2f}", f"{rt['unknown_per_task'][t]:.2f}",
+                 f"{routed[t]:.2f}", f"{oracle[t]:.2f}"] for t in tasks]
+        rows.append(["**all**", f"{rt['accuracy']:.2f}", f"{rt['unknown_rate']:.2f}",
+                     f"{np.mean([routed[t] for t in tasks]):.2f}",
+                     f"{np.mean([oracle[t] for t in tasks]):.2f}"])
+        out += _table(["task", "routing accuracy", "unknown rate",
+                       f"success ({rt['router']})", "success (oracle)"], rows) + [""]
+        conf = rt["confusion"]
+        out += ["Confusion (episodes; row: true task, column: adapter chosen; `none`: "
+                "unknown or undecided, the base model acted):", ""]
+        out += _table(["true \\ chosen", *(short_name(c) for c in conf["cols"])],
+                      [[short_name(t), *(str(v) for v in counts)]
+                       for t, counts in zip(conf["rows"], conf["counts"], strict=True)])
+        out += ["", "Routing accuracy: share of an episode's decisions that chose the task's "
+                "own adapter (none, for a task without one yet)."]
+        out += [""]
+    return out
+
+
 # ---------------------------------------------------------------------------- tensorboard
 
 
@@ -195,7 +233,9 @@ def write_tensorboard(results: dict, summary: dict, figures: dict[str, Figure],
     ``cl/forgetting``, ``cl/forward_transfer`` (step = position in the sequence; Continual
     World's definitions over the tasks so far; forward transfer of this seed against the
     reference runs' seed mean),
-    ``finetune/<task>/{loss,success,first_grad_norm,eva_seconds,trainable_params}``.
+    ``finetune/<task>/{loss,success,first_grad_norm,eva_seconds,trainable_params}``,
+    and for routed runs ``routing/accuracy``, ``routing/unknown_rate``,
+    ``routing/<task>/accuracy`` (step = position in the sequence).
     The directory is written next to its final place and swapped in, so re-running a
     report never appends duplicate events.
     """
@@ -240,6 +280,13 @@ def _write_run_scalars(w, run: dict, all_runs: Sequence[dict]) -> None:
         if is_complete(run):
             w.add_scalar("cl/average_success", float(np.mean(final_success(run))),
                          len(tasks) - 1)
+    for i, rec in enumerate(run["per_task"]):
+        routing = rec.get("routing")
+        if routing:
+            w.add_scalar("routing/accuracy", routing["accuracy"], i)
+            w.add_scalar("routing/unknown_rate", routing["unknown_rate"], i)
+            for task, acc in routing["per_task"].items():
+                w.add_scalar(f"routing/{task}/accuracy", acc, i)
     for rec in run["per_task"]:
         prefix = f"finetune/{rec['task']}"
         for step, loss in zip(rec["loss_curve"]["steps"], rec["loss_curve"]["loss"],

@@ -242,7 +242,7 @@ class _EvaRun:
     def result(self, seconds: float, distributed: bool) -> EvaResult:
         """The final allocation over the current components (rank 0's under DDP)."""
         config, paths = self.config, self.paths
-        comps, svals, ratios, n_samples = {}, {}, {}, {}
+        comps, svals, ratios, n_samples, means = {}, {}, {}, {}, {}
         for lead in self.groups:
             s = self.svds[lead]
             c, sv, r = s.components_, s.singular_values_, s.explained_variance_ratio_
@@ -251,7 +251,11 @@ class _EvaRun:
                 c, sv, r = (t.to(dev).contiguous() for t in (c, sv, r))
                 for t in (c, sv, r):
                     dist.broadcast(t, src=0)
-            comps[lead], svals[lead], ratios[lead] = c, sv, r
+            mu = s.mean_ if s.mean_ is not None else torch.zeros(c.shape[1])
+            if distributed:
+                mu = mu.to(_dist_device()).contiguous()
+                dist.broadcast(mu, src=0)
+            comps[lead], svals[lead], ratios[lead], means[lead] = c, sv, r, mu
             n_samples[lead] = s.n_samples_seen_
         shared = {p: self.leader[p] for p in paths}
         ranks = allocate_ranks({p: ratios[shared[p]] for p in paths}, self.budget,
@@ -266,6 +270,7 @@ class _EvaRun:
             ranks=ranks, alphas=alphas, shared=shared, batches_used=self.step,
             convergence_step={p: self.converged_at[shared[p]] for p in paths},
             n_samples={p: n_samples[shared[p]] for p in paths},
+            means={p: means[shared[p]] for p in paths},
             seconds=seconds, stop_reason=self.stop_reason,
         )
         not_conv = [p for p in paths if result.convergence_step[p] is None]

@@ -43,6 +43,9 @@ class EvaResult:
     stop_reason: str
     """"converged" | "max_batches" (cap reached) | "exhausted" (the batches ran out)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] | None = None
+    """(d,) running mean of each layer's inputs (None in results saved before it was kept;
+    zeros when `config.center` is False)."""
 
     @property
     def paths(self) -> list[str]:
@@ -95,6 +98,8 @@ class EvaResult:
                 tensors[f"singular_values/{p}"] = self.singular_values[p].detach().cpu()
                 tensors[f"explained_variance_ratio/{p}"] = (
                     self.explained_variance_ratio[p].detach().cpu())
+                if self.means is not None:
+                    tensors[f"mean/{p}"] = self.means[p].detach().cpu().contiguous()
         meta = {
             "format": RESULT_FORMAT, "version": RESULT_VERSION,
             "config": self.config.to_dict(), "layers": self.paths, "ranks": self.ranks,
@@ -115,13 +120,15 @@ class EvaResult:
             raise ValueError(f"{tensor_path}: no EVA result tensors (file is missing)")
         meta = read_versioned_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "EVA result")
         tensors = load_file(str(tensor_path))
-        comps, svals, ratios = {}, {}, {}
+        comps, svals, ratios, means = {}, {}, {}, {}
         try:
             for p in meta["layers"]:
                 lead = meta["shared"][p]
                 comps[p] = tensors[f"components/{lead}"]
                 svals[p] = tensors[f"singular_values/{lead}"]
                 ratios[p] = tensors[f"explained_variance_ratio/{lead}"]
+                if f"mean/{lead}" in tensors:
+                    means[p] = tensors[f"mean/{lead}"]
         except KeyError as e:
             raise ValueError(f"{tensor_path} lacks tensor {e}") from e
         return cls(
@@ -131,4 +138,5 @@ class EvaResult:
             batches_used=int(meta["batches_used"]), convergence_step=meta["convergence_step"],
             n_samples=meta["n_samples"], seconds=float(meta["seconds"]),
             stop_reason=meta["stop_reason"], extra=meta.get("extra", {}),
+            means=means if len(means) == len(comps) else None,
         )

@@ -1,0 +1,94 @@
+"""Load what a fine-tuning run (`agents.protocols`) trained as one `DTAgent`.
+
+    agent = load_finetuned_agent("runs/cw10-seq", method="eva", seed=0)
+    evaluate(agent, agent.run_config["tasks"], routing="eva")
+
+Adapter methods: the pretrained base with every finished task's adapter (a task trained
+twice, CW20, with its last visit's) and its routing signature where there is one; the
+target return of each task is the one its fine-tuning used. ``fft`` under ``sequential``:
+the weights after the last finished task (one model, nothing to route).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agents.dt_agent import DTAgent
+from agents.methods import get_method
+from agents.protocols import (
+    EXPERIMENT_FORMAT,
+    EXPERIMENT_VERSION,
+    Experiment,
+    read_record,
+    run_dir_of,
+    task_dir_of,
+)
+from agents.routing import SIGNATURE_DIR, load_signature
+from eva_rl.adapters import delete_adapter, load_adapter
+from eva_rl.io import read_versioned_json
+from eva_rl.training import load_weights
+
+logger = logging.getLogger(__name__)
+
+
+def is_finetune_run(path: str | os.PathLike) -> bool:
+    """Whether ``path/config.json`` is a fine-tuning run's (not a pretraining run's)."""
+    try:
+        read_versioned_json(Path(path) / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION,
+                            "fine-tuning run config")
+    except ValueError:
+        return False
+    return True
+
+
+def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
+                         device: torch.device | str | None = None) -> DTAgent:
+    """The agent of run (``method``, ``seed``) of the fine-tuning run ``out``; a one-line
+    ``ValueError`` naming what is missing (no such method/seed, no finished task)."""
+    out = Path(out)
+    saved = read_versioned_json(out / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION,
+                                "fine-tuning run config")
+    exp = Experiment.from_dict(saved["experiment"])
+    if method not in exp.methods:
+        raise ValueError(f"{out}: the run has methods {list(exp.methods)}, not {method!r}")
+    if seed not in exp.seeds:
+        raise ValueError(f"{out}: the run has seeds {list(exp.seeds)}, not {seed}")
+    m = get_method(method)
+    if m.is_full and exp.protocol == "single":
+        raise ValueError(f"{out}: fft under the single protocol holds one model per task; "
+                         "evaluate a task's model.safetensors on its own")
+    run = run_dir_of(out, method, seed)
+    agent = DTAgent.load(exp.pretrained, device=device)
+    fingerprint = agent.fingerprint()
+    finished: list[tuple[str, Path, dict[str, Any]]] = []
+    for i, task in enumerate(exp.tasks):
+        tdir = task_dir_of(run, i, task)
+        record = read_record(tdir)
+        if record is None:
+            if exp.protocol == "sequential":
+                break  # later tasks of a chain cannot have finished
+            continue
+        finished.append((task, tdir, record))
+    if not finished:
+        raise ValueError(f"{run}: no finished task to evaluate")
+    for task, tdir, record in finished:
+        agent.target_returns[task] = float(record["target_return"])
+        if m.is_full:
+            continue
+        if task in agent.adapter_names:
+            delete_adapter(agent.model, task)
+        load_adapter(agent.model, tdir / "adapter", name=task)
+        if (tdir / SIGNATURE_DIR).exists():
+            agent.signatures.add(load_signature(tdir, task, fingerprint), task)
+    if m.is_full:
+        load_weights(agent.model, finished[-1][1] / "model.safetensors")
+    agent.use_adapter(None)
+    agent.run_config = {**(agent.run_config or {}), "tasks": [t for t, _, _ in finished],
+                        "finetune_run": str(out), "method": method, "seed": seed}
+    logger.info("loaded %s %s seed %d: %d tasks", out, method, seed, len(finished))
+    return agent

@@ -1,0 +1,333 @@
+"""Routing a `DTAgent`'s episodes to task adapters without being told the task.
+
+Routers (`ROUTERS`): ``oracle`` (the task is given: the adapter named after it), ``eva``
+(the task whose activation subspaces of the frozen base explain the window best, see
+`eva_rl.routing`; None = unknown task), ``obs`` (nearest centroid of the window's mean
+normalised observation) and ``embedding`` (nearest centroid of the base model's mean
+final-layer output over the window: the kind of key L2M learns).
+
+An episode is decided once `decide_after` observations have been seen (or re-decided at
+every step from then on with `redecide`); until then, and whenever the decision is None,
+the bare base model acts. Episodes start conditioned on the largest target return of the
+routed tasks (the task is not known yet); a decision switches the episode's target return
+to the chosen task's. One decision = one extra base forward over the envs deciding.
+
+Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from eva_rl.adapters import adapter_layers, set_active_adapter
+from eva_rl.data import TrajectoryDataset, WindowSampler
+from eva_rl.eva import ActivationCollector, EvaConfig, EvaResult, compute_eva, dt_forward_and_mask
+from eva_rl.eva.hooks import find_target_layers
+from eva_rl.models.inference import RolloutContext
+from eva_rl.routing import DEFAULT_QUANTILE, SCORES, SignatureError, TaskSignature
+from eva_rl.state import preserve_model_state
+
+if TYPE_CHECKING:
+    from agents.dt_agent import DTAgent
+
+logger = logging.getLogger(__name__)
+
+ROUTERS = ("oracle", "eva", "obs", "embedding")
+SIGNATURE_DIR = "signature"
+DEFAULT_LAYERS = ("blocks.*.attn.q_proj", "blocks.*.mlp.fc_in")
+"""The two LayerNorm outputs of every block (q/k/v share the first): inputs of one scale."""
+
+
+@dataclass
+class RouterConfig:
+    """How a routed agent chooses its adapter."""
+
+    router: str = "eva"
+    """One of `ROUTERS`."""
+    decide_after: int = 5
+    """Observations of an episode seen before its decision (1 = on the first one)."""
+    redecide: bool = False
+    """Decide again at every later step (one more base forward per step)."""
+    score: str = "ppca"
+    """Score of the ``eva`` router (`eva_rl.routing.SCORES`)."""
+    unknown: bool = True
+    """``eva``: say None (base model acts) when no task explains the window."""
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
+        if int(self.decide_after) < 1:
+            raise ValueError(f"decide_after must be >= 1, got {self.decide_after}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; valid: {', '.join(SCORES)}")
+
+
+# ------------------------------------------------------------------- base activations
+
+
+def routing_row_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Token rows a window is judged by, ``(B, K * n_tokens)``: every real token except
+    the newest step's action and reward (placeholders during a rollout)."""
+    tok = model.token_mask(mask)
+    K, n = mask.shape[1], model.n_tokens
+    layout = model.config.token_layout
+    late = torch.zeros(K * n, dtype=torch.bool, device=tok.device)
+    for j, name in enumerate(layout):
+        if name in ("action", "reward"):
+            late[(K - 1) * n + j] = True
+    return tok & ~late
+
+
+@torch.no_grad()
+def base_features(model: torch.nn.Module, layers: Sequence[str], batch: Mapping[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward of the bare base model over DT windows: the selected rows of each layer's
+    input, the window of every row, and the per-window router keys (``obs``: mean
+    normalised state of the real steps, ``embedding``: mean final-layer output of the rows).
+    """
+    mask = batch["mask"].bool()
+    rows_mask = routing_row_mask(model, mask)
+    collector = ActivationCollector(model, layers, gather=False)
+    try:
+        with preserve_model_state(model):
+            model.eval()
+            if adapter_layers(model):
+                set_active_adapter(model, None)
+            for p in layers:
+                collector.attach(p)
+            collector.set_mask(rows_mask)
+            hidden = model.hidden_states(batch["states"], batch["actions"], batch["rewards"],
+                                         batch["returns_to_go"], batch["timesteps"],
+                                         None if bool(mask.all()) else mask)
+            rows = collector.pop()
+    finally:
+        collector.close()
+    window = rows_mask.nonzero()[:, 0].cpu()
+    w = rows_mask.float().unsqueeze(-1)
+    embedding = (hidden.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+    m = mask.float().unsqueeze(-1)
+    obs = (batch["states"].float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return rows, window, {"obs": obs.cpu(), "embedding": embedding.cpu()}
+
+
+def _sampler_batches(agent: DTAgent, dataset: TrajectoryDataset, batch_size: int, n: int,
+                     seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    cfg = agent.config
+    sampler = WindowSampler([dataset], context_len=cfg.context_len,
+                            reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
+                            state_std=agent.state_std, seed=seed)
+    for _ in range(n):
+        batch = sampler.sample(batch_size)
+        yield {k: torch.as_tensor(v, device=agent.device) for k, v in batch.items()}
+
+
+def task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, *,
+                   eva_config: EvaConfig, eva_result: EvaResult | None = None,
+                   batch_size: int = 32, max_batches: int = 50, seed: int = 0,
+                   layers: Sequence[str] = DEFAULT_LAYERS,
+                   calibration_batches: int = 8, quantile: float = DEFAULT_QUANTILE
+                   ) -> TaskSignature:
+    """The signature of `task` on the agent's frozen base model.
+
+    The subspaces are EVA's (`eva_result`, when it covers `layers`) or, for any other
+    method, `compute_eva` run the same way on the task's data restricted to `layers`.
+    Centroids and thresholds come from `calibration_batches` fresh windows of the data."""
+    model = agent.model
+    paths = find_target_layers(model, layers)
+    if eva_result is None or eva_result.means is None or any(
+            p not in eva_result.components for p in paths):
+        config = dataclasses.replace(eva_config, target_modules=tuple(paths), progress=False)
+        forward, mask_fn = dt_forward_and_mask(model)
+        eva_result = compute_eva(model, _sampler_batches(agent, dataset, batch_size,
+                                                         max_batches, seed + 7919),
+                                 config, forward=forward, mask_fn=mask_fn)
+        source = "computed"
+    else:
+        source = "eva"
+    sig = TaskSignature.from_eva(task, eva_result, paths, agent.fingerprint(),
+                                 extra={"source": source, "batches": eva_result.batches_used})
+    rows, windows, keys = _gather(model, paths, _sampler_batches(
+        agent, dataset, batch_size, calibration_batches, seed + 104_729))
+    sig.centroids = {k: v.mean(0) for k, v in keys.items()}
+    sig.calibrate(rows, windows, len(keys["obs"]), quantile)
+    return sig
+
+
+def _gather(model, paths, batches):
+    rows: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    windows, keys, offset = [], {"obs": [], "embedding": []}, 0
+    for batch in batches:
+        r, w, k = base_features(model, paths, batch)
+        for p in paths:
+            rows[p].append(r[p])
+        windows.append(w + offset)
+        offset += len(k["obs"])
+        for name in keys:
+            keys[name].append(k[name])
+    return ({p: torch.cat(v) for p, v in rows.items()}, torch.cat(windows),
+            {n: torch.cat(v) for n, v in keys.items()})
+
+
+def save_signature(signature: TaskSignature, task_dir: str | Path) -> Path:
+    """Write the signature into ``task_dir/signature/``."""
+    return signature.save(Path(task_dir) / SIGNATURE_DIR)
+
+
+def load_signature(task_dir: str | Path, task: str, fingerprint: str | None = None
+                   ) -> TaskSignature:
+    """Read ``task_dir/signature/`` (`SignatureError` naming the task and file)."""
+    return TaskSignature.load(Path(task_dir) / SIGNATURE_DIR, task=task, fingerprint=fingerprint)
+
+
+# ------------------------------------------------------------------------- deciding
+
+
+class RoutedContext(RolloutContext):
+    """A rollout context that also remembers each env's routing decisions."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        n = int(args[1] if len(args) > 1 else kwargs["n_envs"])
+        self.choice: list[str | None] = [None] * n
+        self.decisions: list[list[str | None]] = [[] for _ in range(n)]
+        self.default_target = 0.0
+        super().__init__(*args, **kwargs)
+        self.default_target = float(self.target[0]) * self.reward_scale
+
+    def reset(self, rows=None, target_returns=None) -> None:
+        super().reset(rows, target_returns)
+        for i in self._rows(rows).tolist():
+            self.choice[i] = None
+            self.decisions[i] = []
+
+    def retarget(self, rows: Sequence[int], targets: Sequence[float]) -> None:
+        """Switch the target return of running episodes; their return-to-go moves with it."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        new = torch.as_tensor(np.asarray(targets, np.float32), device=self.device)
+        new = new / self.reward_scale
+        self.rtg[idx] = torch.minimum(self.rtg[idx] + new - self.target[idx], new)
+        self.target[idx] = new
+
+
+class Router:
+    """Chooses an adapter for envs of a `RoutedContext` (one base forward per call)."""
+
+    def __init__(self, agent: DTAgent, config: RouterConfig) -> None:
+        if config.router == "oracle":
+            raise ValueError("the oracle router needs the task: use set_task(name)")
+        self.agent = agent
+        self.config = config
+        pool = agent.signatures
+        if not pool.names:
+            raise SignatureError("no task signatures: the agent cannot route (fine-tune with "
+                                 "this code or add signatures with agent.add_signature)")
+        adapters = set(agent.adapter_names)
+        no_adapter = [n for n in pool.names if n not in adapters]
+        if no_adapter:
+            raise SignatureError(f"tasks {no_adapter} have a signature but no adapter")
+        no_sig = [a for a in agent.adapter_names if a not in pool.names]
+        if no_sig:
+            raise SignatureError(f"tasks {no_sig} have an adapter but no signature")
+        self.layers = list(next(iter(pool.signatures.values())).layers)
+
+    def targets(self, choices: Sequence[str | None], default: float) -> list[float]:
+        return [default if c is None else self.agent.target_returns.get(c, default)
+                for c in choices]
+
+    def default_target(self) -> float:
+        """The target return before a decision: the largest of the routed tasks'."""
+        known = [self.agent.target_returns[n] for n in self.agent.signatures.names
+                 if n in self.agent.target_returns]
+        if not known:
+            raise ValueError("no target return for any routed task")
+        return max(known)
+
+    @torch.no_grad()
+    def choose(self, ctx: RolloutContext, rows: np.ndarray) -> list[str | None]:
+        """Adapters for `rows` of `ctx` (after `push_observations`)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=ctx.device)
+        filled = int(ctx.mask[idx].sum(dim=1).max())
+        w = slice(ctx.context_len - filled, None)
+        batch = {"states": ctx.states[idx, w], "actions": ctx.actions[idx, w],
+                 "rewards": ctx.rewards[idx, w], "returns_to_go": ctx.returns_to_go[idx, w],
+                 "timesteps": ctx.timesteps[idx, w], "mask": ctx.mask[idx, w]}
+        model = self.agent.model
+        feats, window, keys = base_features(model, self.layers, batch)
+        pool = self.agent.signatures
+        if self.config.router == "eva":
+            return pool.route_subspace(feats, window, len(rows), self.config.score,
+                                       self.config.unknown)
+        return list(pool.route_centroid(self.config.router, keys[self.config.router]))
+
+    def step(self, ctx: RoutedContext, running: np.ndarray) -> list[str | None]:
+        """Decide for the running envs that are due; returns every env's current adapter."""
+        seen = ctx.t.cpu().numpy() + 1  # observations of the episode, the current one included
+        k = self.config.decide_after
+        due = running & ((seen == k) | (self.config.redecide & (seen > k)))
+        rows = np.flatnonzero(due)
+        if len(rows):
+            chosen = self.choose(ctx, rows)
+            for i, c in zip(rows.tolist(), chosen, strict=True):
+                ctx.choice[i] = c
+                ctx.decisions[i].append(c)
+            ctx.retarget(rows, self.targets(chosen, ctx.default_target))
+        return list(ctx.choice)
+
+
+def routed_actions(agent: DTAgent, ctx: RoutedContext, router: Router,
+                   running: np.ndarray | None = None) -> np.ndarray:
+    """Route the due envs, then one forward per adapter group: the actions of all envs."""
+    n = ctx.n_envs
+    running = np.ones(n, dtype=bool) if running is None else running
+    choice = router.step(ctx, running)
+    actions = np.zeros((n, agent.config.act_dim), dtype=np.float32)
+    groups: dict[str | None, list[int]] = {}
+    for i, c in enumerate(choice):
+        groups.setdefault(c, []).append(i)
+    for name, rows in groups.items():
+        agent.use_adapter(name)
+        actions[rows] = ctx.next_actions(rows if len(groups) > 1 else None).cpu().numpy()
+    return actions
+
+
+def episode_routing(ctx: RoutedContext, expected: Sequence[str | None]) -> dict[str, list]:
+    """Per env: the adapter it mostly ran with after deciding (``chosen``; None also when
+    the episode ended before its decision), whether it decided, the share of correct
+    decisions (``correct``; vs `expected`)."""
+    chosen, decided, correct = [], [], []
+    for dec, exp in zip(ctx.decisions, expected, strict=True):
+        decided.append(bool(dec))
+        chosen.append(Counter(dec).most_common(1)[0][0] if dec else None)
+        correct.append(float(np.mean([d == exp for d in dec])) if dec else 0.0)
+    return {"chosen": chosen, "decided": decided, "correct": correct}
+
+
+def routing_summary(per_task: Mapping[str, Mapping[str, Any]], adapters: Sequence[str]
+                    ) -> dict[str, Any]:
+    """Overall and per-task accuracy, unknown rate and the confusion matrix (true task x
+    chosen adapter, columns `adapters` then ``none``) from `evaluate`'s ``routing`` entries."""
+    cols = [*adapters, "none"]
+    tasks = list(per_task)
+    confusion = [[0] * len(cols) for _ in tasks]
+    acc, unknown, all_correct, all_unknown = {}, {}, [], []
+    for i, task in enumerate(tasks):
+        r = per_task[task]["routing"]
+        for c in r["chosen"]:
+            confusion[i][cols.index(c) if c in cols else len(cols) - 1] += 1
+        acc[task] = float(np.mean(r["correct"]))
+        unk = [d and c is None for d, c in zip(r["decided"], r["chosen"], strict=True)]
+        unknown[task] = float(np.mean(unk))
+        all_correct += r["correct"]
+        all_unknown += unk
+    return {"accuracy": float(np.mean(all_correct)) if all_correct else 0.0,
+            "per_task": acc, "unknown_rate": float(np.mean(all_unknown)) if all_unknown else 0.0,
+            "unknown_per_task": unknown, "confusion": {"rows": tasks, "cols": cols,
+                                                       "counts": confusion}}

@@ -1,0 +1,151 @@
+"""Routing end to end: a tiny sequential run with ``routing="eva"``, its report, the routed
+`DTAgent` (act / predict / evaluate with every router) and scripts/evaluate.py."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import TASKS, experiment, run_script
+
+from agents.evaluation import evaluate
+from agents.finetuned import load_finetuned_agent
+from agents.protocols import run_experiment
+from agents.routing import ROUTERS, RouterConfig, load_signature, routing_summary
+from eva_rl.routing import SignatureError
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def routed_run(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("routed") / "run"
+    exp = experiment(setup, methods=("lora",), routing="eva", routing_after=2,
+                     eval_episodes=2)
+    results = run_experiment(exp, out)
+    return out, results
+
+
+def test_sequential_run_routes_and_reports(routed_run):
+    out, results = routed_run
+    run = results["runs"][0]
+    S = np.asarray(run["success_matrix"])
+    assert S.shape == (2, 2) and np.all((S >= 0) & (S <= 1))
+    last = run["per_task"][-1]
+    rt = last["routing"]
+    assert rt["router"] == "eva" and rt["decide_after"] == 2
+    assert set(rt["per_task"]) == set(TASKS) and 0 <= rt["accuracy"] <= 1
+    assert rt["confusion"]["cols"] == [*TASKS, "none"]
+    assert [sum(r) for r in rt["confusion"]["counts"]] == [2, 2]  # every episode counted
+    assert len(last["oracle_success_row"]) == 2
+    first = run["per_task"][0]["routing"]
+    assert first["confusion"]["cols"] == [TASKS[0], "none"]  # only the first adapter yet
+    for i, task in enumerate(TASKS):
+        sig = out / f"runs/lora/seed_0/{i:02d}_{task}/signature"
+        assert (sig / "signature.safetensors").is_file() and (sig / "signature.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Routing — lora seed 0 (router `eva`" in report and "true \\ chosen" in report
+    assert (out / "plots/routing_confusion_lora_seed0.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tb/sequential_lora_seed0")).Reload().Tags()["scalars"]
+    assert "routing/accuracy" in tags
+    assert {f"routing/{t}/accuracy" for t in TASKS} <= set(tags)
+
+
+def test_routed_agent_acts_predicts_and_evaluates(routed_run):
+    out, _ = routed_run
+    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
+    assert agent.signatures.names == list(TASKS)
+    agent.routing = RouterConfig(decide_after=2)
+    agent.set_task(None)
+    obs = np.zeros(agent.config.state_dim, dtype=np.float32)
+    for _ in range(3):
+        a = agent.act(obs)
+        agent.observe(0.0)
+        assert a.shape == (agent.config.act_dim,)
+    ctx = agent._context
+    assert len(ctx.decisions[0]) == 1  # decided once, on the 2nd observation
+    actions, state = agent.predict(np.zeros((3, agent.config.state_dim)))
+    assert actions.shape == (3, agent.config.act_dim)
+    for router in ROUTERS:
+        res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6,
+                       progress=False, routing=router)
+        if router == "oracle":
+            assert "routing" not in res[TASKS[0]]
+            continue
+        summary = routing_summary(res, agent.adapter_names)
+        assert len(res[TASKS[0]]["routing"]["chosen"]) == 2
+        assert sum(map(sum, summary["confusion"]["counts"])) == 4
+        if router != "eva":
+            assert summary["unknown_rate"] == 0.0  # centroid routers always choose
+
+
+def test_router_refuses_missing_and_foreign_signatures(routed_run, tmp_path):
+    out, _ = routed_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    tdir = copy / f"runs/lora/seed_0/01_{TASKS[1]}"
+    shutil.rmtree(tdir / "signature")
+    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")
+    with pytest.raises(SignatureError, match=rf"\['{TASKS[1]}'\] have an adapter but no "
+                                             "signature"):
+        agent.set_task(None)
+    sig = load_signature(out / f"runs/lora/seed_0/00_{TASKS[0]}", TASKS[0])
+    sig.fingerprint = "0" * 64
+    with pytest.raises(SignatureError, match=f"task {TASKS[0]}: .*fingerprint mismatch"):
+        agent.add_signature(sig)
+    sig.task = TASKS[1]
+    sig.save(tdir / "signature")  # another base's signature in the task's directory
+    with pytest.raises(SignatureError, match=f"task {TASKS[1]}: .*another base model"):
+        load_finetuned_agent(copy, "lora", 0, device="cpu")
+
+
+def test_evaluate_script_routes_a_finetune_run(routed_run, setup, tmp_path):
+    out, _ = routed_run
+    r = tmp_path / "r.json"
+    proc = run_script("evaluate", ["--run", str(out), "--method", "lora", "--seed", "0",
+                                   "--routing", "eva", "--routing-after", "2", "--episodes", "2",
+                                   "--max-steps", "6", "--device", "cpu", "--out", str(r)])
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(r.read_text())
+    assert payload["routing"] == "eva" and 0 <= payload["routing_accuracy"] <= 1
+    assert set(payload["routing_per_task"]) == set(TASKS)
+    assert payload["confusion"]["rows"] == list(TASKS)
+    # zero-shot: a task the pretrained run has no target return for
+    _, _, pre = setup
+    proc = run_script("evaluate", ["--run", str(pre), "--tasks", "hammer", "--episodes", "1",
+                                   "--max-steps", "3", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr
+    assert "assumed for hammer-v3" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["episodes0", "corrupt_weights", "tampered_adapter",
+                                  "no_method"])
+def test_evaluate_script_bad_input_is_one_error_line(routed_run, setup, tmp_path, case):
+    out, _ = routed_run
+    _, _, pre = setup
+    args = ["--episodes", "1", "--max-steps", "3", "--device", "cpu"]
+    if case == "episodes0":
+        argv, expect = ["--run", str(pre), "--tasks", TASKS[0], "--episodes", "0"], "--episodes"
+        args = []
+    elif case == "corrupt_weights":
+        bad = tmp_path / "pre"
+        shutil.copytree(pre, bad)
+        (bad / "model.safetensors").write_bytes(b"garbage")
+        argv, expect = ["--run", str(bad), "--tasks", TASKS[0]], "model.safetensors"
+    elif case == "tampered_adapter":
+        copy = tmp_path / "run"
+        shutil.copytree(out, copy)
+        f = copy / f"runs/lora/seed_0/00_{TASKS[0]}/adapter/adapter.safetensors"
+        blob = bytearray(f.read_bytes())
+        blob[-2] ^= 0xFF
+        f.write_bytes(bytes(blob))
+        argv, expect = ["--run", str(copy), "--method", "lora"], "checksum"
+    else:
+        argv, expect = ["--run", str(out)], "--method"
+    proc = run_script("evaluate", argv + args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expect in lines[-1]
+    assert "Traceback" not in proc.stderr
