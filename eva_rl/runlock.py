@@ -153,13 +153,6 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self._remove_created_dir()
 
-    def move_to(self, directory: str | os.PathLike) -> None:
-        """Carry a held lock along when its directory's contents move: rename the lock file
-        into the new (existing) ``directory`` and own that one instead."""
-        new = Path(directory) / LOCK_FILE
-        os.replace(self.path, new)
-        self.directory, self.path = Path(directory), new
-
     def _remove_created_dir(self) -> None:
         if self._created_dir and self.directory.is_dir() and not any(self.directory.iterdir()):
             self.directory.rmdir()
@@ -170,3 +163,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def carry_lock(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> bool:
+    """After a directory this process has locked was renamed to ``old_dir`` (moved aside)
+    and ``new_dir`` created in its place, move the lock file back into ``new_dir`` so the
+    `RunLock` keeps owning that name. Returns whether a lock of this process was moved."""
+    src, dst = Path(old_dir) / LOCK_FILE, Path(new_dir) / LOCK_FILE
+    try:
+        holder = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname():
+        return False
+    os.replace(src, dst)
+    return True
