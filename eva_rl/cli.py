@@ -57,19 +57,28 @@ def error_line(err: BaseException) -> str | None:
     return " ".join(text.split()) or type(err).__name__
 
 
-def script_main(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a script's ``main(argv)``: known errors become one ``error:`` line on stderr and
-    the return value `EXIT_BAD_INPUT`; unexpected ones propagate with their traceback."""
+def script_main(main: Callable[..., int | None] | None = None, *,
+                known: tuple[type[BaseException], ...] = ()) -> Callable:
+    """Wrap a script's ``main(argv)``: known errors (`error_line`, plus the types in
+    ``known``) become one ``error:`` line on stderr and the return value
+    `EXIT_BAD_INPUT`; unexpected ones propagate with their traceback.
 
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs) -> int:
-        try:
-            return int(main(*args, **kwargs) or 0)
-        except Exception as err:
-            line = error_line(err)
-            if line is None:
-                raise
-            print(f"error: {line}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    ``@script_main`` or ``@script_main(known=(RuntimeError,))``."""
 
-    return wrapper
+    def decorate(fn: Callable[..., int | None]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs) -> int:
+            try:
+                return int(fn(*args, **kwargs) or 0)
+            except Exception as err:
+                line = error_line(err)
+                if line is None and isinstance(err, known):
+                    line = " ".join(str(err).split()) or type(err).__name__
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+
+        return wrapper
+
+    return decorate if main is None else decorate(main)

@@ -6,7 +6,8 @@
 The lock is the file ``DIR/.eva-rl.lock``: JSON with the holder's pid, host, process start
 time and command. It is created complete (written to a temporary name, then hard-linked
 into place, which fails if it exists), so a lock file is never half-written. A second
-writer gets `RunLocked` naming the holder. A lock whose holder is gone (same host, and no
+writer gets `RunLocked` naming the holder; the holder itself may take it again (nested:
+the outer ``with`` releases it). A lock whose holder is gone (same host, and no
 process with that pid and start time) is taken over with a warning. A lock held on
 another host cannot be checked from here: it is refused unless ``force=True``
 (``--force-unlock`` in the scripts), because a shared filesystem may really be in use there.
@@ -98,6 +99,8 @@ class RunLock:
                     self.held = True
                     return self
                 except FileExistsError:
+                    if self._held_by_this_process():
+                        return self  # nested: the outer holder releases it
                     self._break_stale()
             raise RunLocked(f"{d}: could not take the lock {self.path}; another process keeps "
                             "taking it")
@@ -106,6 +109,15 @@ class RunLock:
             raise
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _held_by_this_process(self) -> bool:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return (isinstance(holder, dict) and holder.get("pid") == os.getpid()
+                and holder.get("host") == socket.gethostname()
+                and holder.get("start_time") == _start_time(os.getpid()))
 
     def _break_stale(self) -> None:
         """Remove the existing lock if its holder is dead (or ``force``); else refuse."""
