@@ -614,8 +614,13 @@ def test_collect_workers_die_with_their_parent(tmp_path):
             "--max-episode-steps", "50", "--workers", "2", "--quiet",
             "--out", str(tmp_path / "d")]
     # the parent SIGKILLs itself once a worker has finished an episode; the workers are busy
-    done = run_env("collect", argv, {KILL_ENV: "collect.workers_running", token: "1"})
-    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    # (output to a file: orphans holding a pipe would block the wait without the fix)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           KILL_ENV: "collect.workers_running", token: "1"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        parent = subprocess.Popen([sys.executable, str(ROOT / "scripts/collect.py"), *argv],
+                                  cwd=ROOT, env=env, stdout=log, stderr=log)
+        assert parent.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
     deadline = time.monotonic() + 10
     while _processes_with(token) and time.monotonic() < deadline:
         time.sleep(0.2)
