@@ -56,6 +56,7 @@ from eva_rl.io import (
     write_checked_json,
 )
 from eva_rl.killpoints import kill_point
+from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.progress import progress_bar
 from eva_rl.runlock import RunLock, carry_lock, is_empty_dir
 from eva_rl.training import (
@@ -152,8 +153,9 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     if horizon > model["max_ep_len"]:
         raise ValueError(f"max_episode_steps={horizon} exceeds the pretrained model's "
                          f"max_ep_len={model['max_ep_len']}")
-    agent = DTAgent.load(exp.pretrained, device="cpu")  # what every cell will load
-    for key, tensor in agent.model.state_dict().items():
+    net = DecisionTransformer(DTConfig.from_dict(model))  # an unknown key fails here
+    load_weights(net, weights)  # truncated, or not this model's: CheckpointError
+    for key, tensor in net.state_dict().items():
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf; the pretrained "
                              "model is unusable")

@@ -341,8 +341,9 @@ def _finetune_args(setup, out, *extra):
             "--out", str(out), *extra]
 
 
-def _pretrain_args(setup, out, *extra, tasks=",".join(TASKS), steps="2"):
+def _pretrain_args(setup, out, *extra, tasks=None, steps="2"):
     _, data, _ = setup
+    tasks = tasks or ",".join(TASKS)
     return ["--data", str(data), "--tasks", tasks, "--preset", "tiny", "--steps", steps,
             "--batch-size", "8", "--no-progress", "--out", str(out), *extra]
 
@@ -375,8 +376,9 @@ def _damaged_pretrained(setup, tmp_path, how):
     ("truncated", "model.safetensors: corrupt"), ("unknown_key", "n_experts"),
     ("nan", "holds NaN or inf")])
 def test_a_damaged_pretrained_run_is_refused_before_writing(setup, tmp_path, how, needle):
-    from agents.protocols import Experiment, run_experiment
     from helpers import tiny_config
+
+    from agents.protocols import Experiment, run_experiment
 
     bad = _damaged_pretrained(setup, tmp_path, how)
     _, data, _ = setup
@@ -491,10 +493,10 @@ def test_pretrain_script_refuses_fewer_steps_and_a_corrupt_checkpoint(setup, tmp
 
 @pytest.mark.slow
 def test_report_refuses_another_report_and_overwrite_moves_it_aside(setup, tmp_path):
-    run = _report_input(setup, tmp_path)
-    other = tmp_path / "other"
     from agents.protocols import run_experiment
 
+    run = _report_input(setup, tmp_path)
+    other = tmp_path / "other"
     run_experiment(experiment(setup, methods=("lora",), steps=2), other)
     out = tmp_path / "rep"
     assert run_script("report", [str(run), "--out", str(out), "--no-tensorboard",
