@@ -12,11 +12,15 @@ the number of workers or the task order.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import json
 import logging
 import multiprocessing as mp
 import os
 import queue as queue_lib
+import signal
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -34,7 +38,10 @@ from eva_rl.data import (
     remove_temp_dirs,
     write_dataset,
 )
+from eva_rl.io import check_writable
+from eva_rl.killpoints import kill_point
 from eva_rl.progress import progress_bar
+from eva_rl.runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +118,7 @@ def collect_task(
         metadata=collection_metadata(collector, task, n_episodes, seed),
         **traj.arrays(),
     )
+    kill_point("collect.dataset_written")
     return TaskSummary.of(ds, "collected", time.perf_counter() - start)
 
 
@@ -143,8 +151,34 @@ def _existing(path: Path, expected: dict[str, Any]) -> TrajectoryDataset | None:
 _progress_queue = None  # set in worker processes by _init_worker
 
 
-def _init_worker(q, uses_torch: bool) -> None:
+def die_with_parent(parent_pid: int, poll_seconds: float = 0.5) -> None:
+    """Make this (worker) process exit when ``parent_pid`` dies, even by ``kill -9``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, immediate. Everywhere (and as a
+    fallback): a daemon thread that exits the process once it has been re-parented."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            logger.debug("prctl unavailable; polling the parent instead")
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)  # the parent is gone: nobody will collect what this worker makes
+
+    if os.getppid() != parent_pid:  # it died before the prctl took effect
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(q, uses_torch: bool, parent_pid: int) -> None:
     global _progress_queue
+    die_with_parent(parent_pid)
     _progress_queue = q
     if uses_torch:  # SAC: one torch thread per worker process, or they fight for cores
         import torch
@@ -165,13 +199,16 @@ def collect_datasets(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    force_unlock: bool = False,
 ) -> list[TaskSummary]:
     """Collect ``n_episodes`` per task into ``out_dir/<task>``, ``workers`` tasks at once.
 
     ``tasks``: a suite, a comma list or names (repeats are collected once). Finished
-    tasks with the same settings are skipped; a dataset made with other settings, or a
-    directory that is not a dataset, raises before any work starts. ``workers=1``
-    collects in this process. Returns one :class:`TaskSummary` per task, in task order.
+    tasks with the same settings are skipped; a dataset made with other settings, a
+    directory that is not a dataset, an ``out_dir`` that cannot be written or that another
+    process is collecting into (its `RunLock`; ``force_unlock`` breaks one held on another
+    host) raises before any work starts. ``workers=1`` collects in this process; worker
+    processes die with it. Returns one :class:`TaskSummary` per task, in task order.
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -179,18 +216,27 @@ def collect_datasets(
         raise ValueError(f"workers must be >= 1, got {workers}")
     names = list(dict.fromkeys(resolve_tasks(tasks)))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    summaries: dict[str, TaskSummary] = {}
-    pending = []
+    expected = {}
     for task in names:
         try:  # as the manifest will hold it (tuples become lists); fails now, not after work
-            expected = json.loads(
+            expected[task] = json.loads(
                 json.dumps(collection_metadata(collector, task, n_episodes, seed))
             )
         except TypeError as err:
             raise ValueError(f"collector settings must be JSON-serialisable: {err}") from None
-        ds = _existing(out / task, expected)
+    check_writable(out)  # an unwritable --out fails now, not after a task's collection
+    with RunLock(out, force=force_unlock):
+        return _collect_locked(names, expected, collector, n_episodes, out, seed, workers,
+                               progress)
+
+
+def _collect_locked(names, expected, collector, n_episodes, out, seed, workers, progress
+                    ) -> list[TaskSummary]:
+    """`collect_datasets` once this process owns ``out``."""
+    summaries: dict[str, TaskSummary] = {}
+    pending = []
+    for task in names:
+        ds = _existing(out / task, expected[task])
         if ds is None:
             pending.append(task)
         else:
@@ -222,7 +268,7 @@ def _run_pool(pending, collector, n_episodes, out, seed, workers, bar) -> dict[s
         max_workers=min(workers, len(pending)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(q, isinstance(collector, SACCollector)),
+        initargs=(q, isinstance(collector, SACCollector), os.getpid()),
     )
     futures = {
         pool.submit(_worker, task, collector, n_episodes, out, seed): task for task in pending
@@ -231,7 +277,8 @@ def _run_pool(pending, collector, n_episodes, out, seed, workers, bar) -> dict[s
         remaining = set(futures)
         while remaining:
             finished, remaining = cf.wait(remaining, timeout=0.2)
-            _drain(q, bar)
+            if _drain(q, bar):
+                kill_point("collect.workers_running")
             for fut in finished:
                 summary = fut.result()  # re-raises a worker's error here
                 done[futures[fut]] = summary
@@ -246,9 +293,12 @@ def _run_pool(pending, collector, n_episodes, out, seed, workers, bar) -> dict[s
     return done
 
 
-def _drain(q, bar) -> None:
+def _drain(q, bar) -> int:
+    """Move the workers' progress messages to the bar; returns how many there were."""
+    n = 0
     while True:
         try:
             bar.update(q.get_nowait())
+            n += 1
         except queue_lib.Empty:
-            return
+            return n

@@ -49,6 +49,7 @@ from eva_rl.eva import (
     dt_forward_and_mask,
     log_eva,
 )
+from eva_rl.killpoints import kill_point
 from eva_rl.metrics import success_auc
 from eva_rl.routing import SignatureError, TaskSignature
 from eva_rl.schema import check_known_fields
@@ -150,8 +151,18 @@ class FinetuneConfig:
                              f"({self.rank}), the target it is pruned to")
         if int(self.eval_every) < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        for name in ("alpha", "rho", "tau", "fft_lr", "dropout", "adalora_tinit",
+                     "adalora_tfinal"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.fft_lr > 0:
             raise ValueError(f"fft_lr must be > 0, got {self.fft_lr}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # rho >= 1 and tau in [0, 1]: EVA's own checks, now rather than at the first task
+        EvaConfig(rank=self.rank, rho=self.rho, tau=self.tau)
         self.router_config()  # validates routing and routing_after
 
     def router_config(self) -> RouterConfig:
@@ -345,6 +356,7 @@ def init_eva(agent: DTAgent, dataset: TrajectoryDataset, method: Method,
                          eva_config, forward=forward, mask_fn=mask_fn)
     result.extra["wall_seconds"] = time.perf_counter() - t0  # batches + SVD
     result.save(eva_dir, overwrite=True)
+    kill_point("finetune.eva_saved")
     log_dir = eva_dir.parent / "train" / TB_DIR
     with RunLogger(log_dir) as log:  # next to the Trainer's events of the same task
         log_eva(log.writer, result, step=0)
@@ -507,6 +519,6 @@ def finetune_task(
         "adalora_ranks": None if allocator is None else allocator.ranks(),
         "eva": None if eva_result is None else {
             "batches_used": eva_result.batches_used, "stop_reason": eva_result.stop_reason,
-            "seconds": eva_result.seconds},
+            "seconds": eva_result.seconds, "rho": eva_result.config.rho},
     }
 

@@ -11,6 +11,7 @@ Run directory::
 
     OUT/config.json                                   the experiment (checked on --resume)
     OUT/runs/<method>/seed_<s>/<ii>_<task>/record.json  written last: the task is finished
+                                                      (checksummed: `write_record`)
                                           .../train/  the Trainer's checkpoints + tensorboard
                                           .../eva/    the EVA result (reused on resume)
                                           .../adapter/ or model.safetensors (sequential fft)
@@ -29,7 +30,6 @@ the CPU, whichever executor ran it.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import logging
@@ -50,8 +50,17 @@ from agents.routing import SIGNATURE_DIR, load_signature, routing_summary
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
-from eva_rl.io import read_versioned_json
+from eva_rl.io import (
+    CHECKSUM_KEY,
+    move_aside,
+    read_versioned_json,
+    verify_checked_json,
+    write_checked_json,
+)
+from eva_rl.killpoints import kill_point
+from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.progress import progress_bar
+from eva_rl.runlock import RunLock, carry_lock, is_empty_dir
 from eva_rl.training import (
     WEIGHTS_FILE,
     default_target_return,
@@ -122,13 +131,18 @@ class Experiment:
 
 
 def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
-    """Validate the pretrained run and the data before anything is written.
+    """Validate the device, the pretrained run and the data before anything is written.
 
-    Returns the task datasets. Raises ``ValueError`` (one line) for a pretrained run that
-    is missing or whose dimensions do not match the data, or for missing task data."""
+    Returns the task datasets. Raises ``ValueError`` (one line, naming the file or value)
+    for a device that is not there, a pretrained run that is missing, whose config or
+    weights do not load (a truncated ``model.safetensors``, an unknown key under
+    ``model``), whose weights hold NaN or inf, or whose dimensions do not match the data,
+    and for missing or inconsistent task data."""
+    resolve_device(exp.config.train.device)  # cuda without CUDA, gpu0: refused here
     cfg = read_run_config(exp.pretrained)  # CheckpointError (a ValueError) if unusable
     model = cfg["model"]
-    if not (Path(exp.pretrained) / WEIGHTS_FILE).is_file():
+    weights = Path(exp.pretrained) / WEIGHTS_FILE
+    if not weights.is_file():
         raise ValueError(f"{exp.pretrained}: no model.safetensors (pretraining unfinished?)")
     datasets = open_datasets(exp.data, dict.fromkeys(exp.tasks))  # DatasetError names the dir
     for task, ds in datasets.items():
@@ -141,6 +155,12 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     if horizon > model["max_ep_len"]:
         raise ValueError(f"max_episode_steps={horizon} exceeds the pretrained model's "
                          f"max_ep_len={model['max_ep_len']}")
+    net = DecisionTransformer(DTConfig.from_dict(model))  # an unknown key fails here
+    load_weights(net, weights)  # truncated, or not this model's: CheckpointError
+    for key, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf; the pretrained "
+                             "model is unusable")
     return datasets
 
 
@@ -149,14 +169,15 @@ def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = Fals
     """Create (or check, with ``resume``) the run directory; returns where an old run moved.
 
     An existing non-empty directory needs ``resume`` (same settings) or ``overwrite``,
-    which moves the old run aside to ``OUT.old-<UTC time>`` (nothing is deleted)."""
+    which moves the old run aside to ``OUT.old-<UTC time>`` (nothing is deleted; a
+    `RunLock` this process holds on ``OUT`` stays on ``OUT``)."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     moved = None
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    occupied = out.is_dir() and any(out.iterdir())
+    occupied = out.is_dir() and not is_empty_dir(out)
     if occupied and resume:
         check_same_experiment(out, exp)
         return None
@@ -166,13 +187,14 @@ def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = Fals
     if resume and not occupied:
         logger.info("%s holds no run yet: starting one", out)
     if occupied:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        moved = out.with_name(f"{out.name}.old-{stamp}")
-        os.replace(out, moved)
+        moved = move_aside(out)
+        out.mkdir(parents=True)
+        carry_lock(moved, out)
         logger.warning("moved the existing run %s aside to %s", out, moved)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"format": EXPERIMENT_FORMAT, "version": EXPERIMENT_VERSION,
                                      "experiment": exp.to_dict()})
+    kill_point("finetune.config_written")
     return moved
 
 
@@ -215,11 +237,30 @@ def task_dir_of(run_dir: Path, index: int, task: str) -> Path:
 
 
 def read_record(task_dir: Path) -> dict[str, Any] | None:
-    """The finished task's record, or None if the task has not finished."""
+    """The finished task's record, or None if the task has not finished.
+
+    A record that is not JSON, or was changed after `write_record` wrote it (its checksum
+    differs), is a ``ValueError`` naming the file."""
     path = task_dir / RECORD_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt task record, cannot read it ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: corrupt task record (not a JSON object)")
+    verify_checked_json(path, record, "task record")
+    record.pop(CHECKSUM_KEY)
+    return record
+
+
+def write_record(task_dir: Path, record: Mapping[str, Any]) -> Path:
+    """Write a finished task's ``record.json`` (atomically, with its content checksum);
+    written last, it marks the task finished."""
+    path = write_checked_json(task_dir / RECORD_FILE, record)
+    kill_point("finetune.record_written")
+    return path
 
 
 @dataclass(frozen=True)
@@ -297,7 +338,20 @@ def run_cell(exp: Experiment, out: str | os.PathLike, cell: Cell,
 
 def run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False,
                    overwrite: bool = False, hook: TaskHook | None = None,
-                   report: bool = True, executor: Executor | None = None) -> dict[str, Any]:
+                   report: bool = True, executor: Executor | None = None,
+                   force_unlock: bool = False) -> dict[str, Any]:
+    """Run (or continue) every cell of ``exp`` while holding ``out``'s `RunLock` (a second
+    driver on the same directory is refused; cells, here or on Ray, run under it; see
+    `_run_experiment`). ``force_unlock`` breaks a lock held on another host."""
+    out = Path(out).resolve()
+    with RunLock(out, force=force_unlock):
+        return _run_experiment(exp, out, resume=resume, overwrite=overwrite, hook=hook,
+                               report=report, executor=executor)
+
+
+def _run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = False,
+                    overwrite: bool = False, hook: TaskHook | None = None,
+                    report: bool = True, executor: Executor | None = None) -> dict[str, Any]:
     """Run (or continue) every cell of ``exp``; returns the results dict.
 
     ``executor`` decides where cells run (default `LocalExecutor`: here, one after another;
@@ -351,7 +405,7 @@ def run_single_task(exp: Experiment, datasets: Mapping[str, TrajectoryDataset],
     record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
                            index=index, hook=hook)
     _save_state(agent, method, task, tdir)
-    write_json(tdir / RECORD_FILE, record)
+    write_record(tdir, record)
 
 
 def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], method: Method,
@@ -396,7 +450,7 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                                  "redecide": routing.redecide,
                                  "accuracy_row": [summary["per_task"][t] for t in exp.tasks],
                                  **summary}
-        write_json(tdir / RECORD_FILE, record)
+        write_record(tdir, record)
 
 
 def _add_signature(agent: DTAgent, task: str, tdir: Path) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import errno
+import hashlib
 import json
 import math
 import os
@@ -152,6 +155,99 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_aside(path: str | os.PathLike) -> Path:
+    """Rename ``path`` to ``<path>.old-<UTC time>`` (nothing is deleted); returns the new name."""
+    path = Path(path)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    moved = path.with_name(f"{path.name}{OLD_MARKER}{stamp}")
+    n = 1
+    while moved.exists():
+        n += 1
+        moved = path.with_name(f"{path.name}{OLD_MARKER}{stamp}-{n}")
+    os.rename(path, moved)
+    return moved
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise ``OSError`` (naming the path) unless a file can be created in ``directory``.
+
+    The directory (and its parents) must exist or be creatable; the check creates and
+    removes a temporary file, which also catches read-only mounts and full quotas that
+    permission bits do not show."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(directory))
+    probe_dir = directory
+    while not probe_dir.exists():  # the nearest existing ancestor must accept a new entry
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(probe_dir))
+    probe = temp_sibling(probe_dir / "write-check")
+    try:
+        with open(probe, "xb") as f:
+            f.write(b"x")
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write here ({err.strerror})", str(probe_dir)
+                        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+CHECKSUM_KEY = "sha256"
+
+
+def _content_sha256(obj: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_checked_json(path: str | os.PathLike, obj: Mapping[str, Any],
+                       indent: int | None = 2) -> Path:
+    """Write the JSON object ``obj`` atomically with the SHA-256 of its content under
+    ``"sha256"``, so :func:`read_checked_json` refuses a file edited or damaged since.
+    Values are made JSON-safe first (:func:`to_json_safe`: NaN is written as null)."""
+    obj = to_json_safe(dict(obj))
+    obj[CHECKSUM_KEY] = _content_sha256(obj)
+    return write_json_atomic(path, obj, indent=indent)
+
+
+def verify_checked_json(path: str | os.PathLike, obj: Mapping[str, Any], what: str,
+                        error_cls: type[Exception] = ValueError) -> None:
+    """Raise ``error_cls`` naming ``path`` unless ``obj`` (read from it) carries the right
+    content checksum of :func:`write_checked_json`."""
+    saved = obj.get(CHECKSUM_KEY)
+    if saved is None:
+        raise error_cls(f"{path}: {what} has no checksum (written by an older eva-rl, or by "
+                        "hand); it cannot be trusted")
+    try:
+        ok = saved == _content_sha256(obj)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise error_cls(f"{path}: {what} was modified after it was written (checksum differs)")
+
+
+def read_checked_json(path: str | os.PathLike, fmt: str, version: int, what: str, *,
+                      error_cls: type[Exception] = ValueError) -> dict[str, Any]:
+    """:func:`read_versioned_json` plus the content checksum of :func:`write_checked_json`."""
+    obj = read_versioned_json(path, fmt, version, what, error_cls=error_cls)
+    verify_checked_json(path, obj, what, error_cls)
+    return obj
 
 
 # ----------------------------------------------------------------------------- reading

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from agents.collection import collect_datasets
 from agents.experts import SACCollector, ScriptedCollector
+from eva_rl.cli import ScriptParser, script_main
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -26,8 +28,9 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+@script_main
+def main(argv: list[str] | None = None) -> int:
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--tasks",
         required=True,
@@ -64,30 +67,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="tasks collected in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over --out although a process on another host holds its lock")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    try:  # bad settings, task names, conflicting datasets: say what is wrong, no traceback
-        if args.collector == "scripted":
-            collector = ScriptedCollector(
-                noise=args.noise, epsilon=args.epsilon, max_episode_steps=args.max_episode_steps
-            )
-        else:
-            steps = args.sac_steps or args.episodes * args.max_episode_steps
-            collector = SACCollector(
-                train_steps=steps, source=args.sac_source, max_episode_steps=args.max_episode_steps
-            )
-        summaries = collect_datasets(
-            args.tasks,
-            collector,
-            args.episodes,
-            args.out,
-            seed=args.seed,
-            workers=args.workers,
-            progress=not args.quiet,
+    # bad settings, task names, conflicting datasets, an unwritable or busy --out: one
+    # error line before anything is collected (script_main)
+    if args.collector == "scripted":
+        collector = ScriptedCollector(
+            noise=args.noise, epsilon=args.epsilon, max_episode_steps=args.max_episode_steps
         )
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    else:
+        steps = args.sac_steps or args.episodes * args.max_episode_steps
+        collector = SACCollector(
+            train_steps=steps, source=args.sac_source, max_episode_steps=args.max_episode_steps
+        )
+    summaries = collect_datasets(
+        args.tasks,
+        collector,
+        args.episodes,
+        args.out,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+        force_unlock=args.force_unlock,
+    )
 
     header = (
         f"{'task':<28} {'status':<10} {'episodes':>8} {'transitions':>11} "
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     total = sum(s.n_transitions for s in summaries)
     print(f"{len(summaries)} task(s), {total} transitions in {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

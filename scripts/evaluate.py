@@ -38,12 +38,13 @@ from agents.evaluation import evaluate
 from agents.finetuned import is_finetune_run, load_finetuned_agent
 from agents.routing import ROUTERS, RouterConfig, routing_summary
 from envs import resolve_tasks
+from eva_rl.cli import ScriptParser, script_main
 from eva_rl.io import write_json_atomic
 from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True,
                    help=f"pretraining run ({CONFIG_FILE}, {WEIGHTS_FILE}, {ADAPTERS_DIR}/<task>/) "
                         "or fine-tuning run directory")
@@ -116,27 +117,24 @@ def fill_target_returns(agent: DTAgent, tasks: list[str], target: float | None) 
     return missing
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        check_args(args)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        agent = load_agent(args)
-        specs = args.tasks or (agent.run_config or {}).get("tasks")
-        if not specs:
-            raise ValueError("pass --tasks (the run lists none)")
-        tasks = list(dict.fromkeys(resolve_tasks(
-            [t for spec in specs for t in spec.split(",") if t])))
-        assumed = fill_target_returns(agent, tasks, args.target_return)
-        routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
-                               redecide=args.routing_redecide)
-        results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                           max_episode_steps=args.max_steps, routing=routing)
-    except (ValueError, FileNotFoundError) as err:  # unusable run, adapter, signature, task
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    agent = load_agent(args)
+    specs = args.tasks or (agent.run_config or {}).get("tasks")
+    if not specs:
+        raise ValueError("pass --tasks (the run lists none)")
+    tasks = list(dict.fromkeys(resolve_tasks(
+        [t for spec in specs for t in spec.split(",") if t])))
+    assumed = fill_target_returns(agent, tasks, args.target_return)
+    routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
+                           redecide=args.routing_redecide)
+    results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
+                       max_episode_steps=args.max_steps, routing=routing)
     summary = routing_summary(results, agent.adapter_names) if args.routing != "oracle" else None
     width = max(len(t) for t in results)
     route_head = "  routing acc" if summary else ""

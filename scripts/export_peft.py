@@ -22,10 +22,11 @@ import sys
 import time
 
 from agents.peft_export import export_run_adapters
+from eva_rl.cli import ScriptParser, script_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="fine-tuning run directory (scripts/finetune.py)")
     p.add_argument("--method", required=True, help="method of the run, e.g. lora, eva, eva_dora")
     p.add_argument("--seed", type=int, default=0)
@@ -36,16 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    try:
-        written = export_run_adapters(args.run, args.method, args.seed, args.out,
-                                      tasks=args.tasks, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:  # incl. CheckpointError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    written = export_run_adapters(args.run, args.method, args.seed, args.out,
+                                  tasks=args.tasks, overwrite=args.overwrite)
     for task, path in written.items():
         print(f"{task}: {path}")
     print(f"{len(written)} adapters in {time.perf_counter() - t0:.1f} s")

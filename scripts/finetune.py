@@ -29,7 +29,8 @@ from agents.finetune import CONFIGS, FinetuneConfig, get_config
 from agents.methods import METHODS, get_method
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize, write_report
-from eva_rl.data import DatasetError
+from eva_rl.cli import ScriptParser, script_main
+from eva_rl.runlock import RunLock
 from eva_rl.schema import add_field_flags
 from eva_rl.training import TrainConfig
 
@@ -39,7 +40,7 @@ TRAIN_FLAGS = ("lr", "steps", "batch_size", "warmup_steps", "device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--pretrained", required=True, help="pretraining run directory")
     p.add_argument("--data", required=True, help="dataset root with one directory per task")
     p.add_argument("--protocol", choices=PROTOCOLS, default="single")
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (default 1: for these small models one thread was "
                         "up to ~90x faster per forward than two on the shared 2-core machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over --out although a process on another host holds its lock")
     ex = p.add_argument_group("where cells run (a cell: method x seed, and x task under single)")
     ex.add_argument("--executor", choices=("local", "ray"), default="local",
                     help="local: one cell after another here; ray: each cell a Ray task")
@@ -98,28 +101,28 @@ def make_executor(args: argparse.Namespace) -> Executor:
                        gpus_per_cell=args.gpus_per_cell)
 
 
+@script_main(known=(RuntimeError,))  # RuntimeError: a Ray cell that failed all its retries
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, args.threads))
-    try:
-        config = get_config(args.config).replace(
-            **{name: getattr(args, name) for name in args.config_fields},
-            routing_redecide=args.routing_redecide,
-            progress=False if args.no_progress else None)
-        exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
-                         methods=args.methods.split(","), seeds=parse_seeds(args.seeds),
-                         protocol=args.protocol, config=config)
-        check_routing(exp)
-        executor = make_executor(args)
-        t0 = time.perf_counter()
+    # run_experiment checks the device, the pretrained run and the data, then takes the
+    # run lock, and only then writes OUT/config.json
+    config = get_config(args.config).replace(
+        **{name: getattr(args, name) for name in args.config_fields},
+        routing_redecide=args.routing_redecide,
+        progress=False if args.no_progress else None)
+    exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
+                     methods=args.methods.split(","), seeds=parse_seeds(args.seeds),
+                     protocol=args.protocol, config=config)
+    check_routing(exp)
+    executor = make_executor(args)
+    t0 = time.perf_counter()
+    with RunLock(args.out, force=args.force_unlock):  # through the report
         results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,
                                  executor=executor, report=False)
         summary = summarize(results)  # the bootstraps are the slow part: once for both
         write_report(results, args.out, summary=summary)
-    except (ValueError, DatasetError, FileExistsError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(format_table(summary))
     print(f"\n{time.perf_counter() - t0:.0f} s. Report: {args.out}/report.md, plots: "
           f"{args.out}/plots/, tensorboard: tensorboard --logdir {args.out}")

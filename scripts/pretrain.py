@@ -24,6 +24,7 @@ import sys
 import torch
 
 import envs
+from eva_rl.cli import ScriptParser, script_main
 from eva_rl.models import PRESETS
 from eva_rl.training import PretrainConfig, init_distributed, pretrain, pretrain_train_config
 from eva_rl.training.distributed import cleanup
@@ -33,7 +34,7 @@ TRAIN = DEFAULTS.train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset root holding one directory per task")
     p.add_argument("--tasks", required=True, help="suite name (MT40) or comma list of tasks")
     p.add_argument("--preset", default=DEFAULTS.preset, choices=sorted(PRESETS))
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixing", default=DEFAULTS.mixing, choices=["uniform", "proportional"])
     p.add_argument("--seed", type=int, default=TRAIN.seed)
     p.add_argument("--device", default=TRAIN.device,
-                   help="auto (cuda when present), cpu, cuda")
+                   help="auto (cuda when present), cpu, cuda, cuda:<index>")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over --out although a process on another host holds its lock")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is often fastest for the small presets on a "
@@ -86,22 +89,21 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
                           mixing=args.mixing, train=train)
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    # settings, tasks and the device are checked before the process group or any file
+    config = pretrain_config(args)
+    tasks = envs.resolve_tasks(args.tasks)
+    dist = init_distributed(args.device)
     try:
-        config = pretrain_config(args)
-        tasks = envs.resolve_tasks(args.tasks)
-        dist = init_distributed(args.device)
-        try:
-            result = pretrain(args.data, tasks, args.out, config, resume=args.resume)
-        finally:
-            cleanup()
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        result = pretrain(args.data, tasks, args.out, config, resume=args.resume,
+                          force_unlock=args.force_unlock)
+    finally:
+        cleanup()
     if dist.is_main and result.history:
         step, loss, _ = result.history[-1]
         print(f"step {step}: loss {loss:.4f}; {result.seconds:.1f} s this session "

@@ -10,7 +10,8 @@
    after it, side by side.
 
 Re-runnable: a second run reuses every finished step (datasets, the pretrained model,
-finished tasks) and continues an interrupted one.
+finished tasks) and continues an interrupted one, wherever it was interrupted (even
+before pretraining's first checkpoint). Every setting and --out are checked before step 1.
 
 Example:
     python scripts/quickstart.py --out runs/quickstart
@@ -32,7 +33,8 @@ from agents.experts import ScriptedCollector
 from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize, write_report
-from eva_rl.io import write_json_atomic
+from eva_rl.cli import InputError, ScriptParser, script_main
+from eva_rl.io import check_writable, write_json_atomic
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain, pretrain_train_config
 
 PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v3",
@@ -48,7 +50,7 @@ EVAL_EPISODES = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/quickstart", help="where everything goes")
     p.add_argument("--episodes", type=int, default=10, help="expert episodes per task")
     p.add_argument("--pretrain-steps", type=int, default=1500)
@@ -64,15 +66,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pretrain_base(data: Path, out: Path, steps: int, seed: int, quiet: bool) -> float:
+def pretrain_settings(steps: int, seed: int, quiet: bool) -> PretrainConfig:
+    """The tiny DT's pretraining (validated: bad --pretrain-steps fail here)."""
+    return PretrainConfig(preset="tiny", train=pretrain_train_config(
+        steps, batch_size=64, lr=1e-3, checkpoint_every=500, seed=seed, device="cpu",
+        progress=not quiet))
+
+
+def pretrain_base(data: Path, out: Path, config: PretrainConfig) -> float:
     """Pretrain the tiny DT (skipped when finished, resumed when interrupted); seconds."""
     if (out / WEIGHTS_FILE).is_file():
         print(f"[2/3] pretrained model exists: {out}")
         return 0.0
-    config = PretrainConfig(preset="tiny", train=pretrain_train_config(
-        steps, batch_size=64, lr=1e-3, checkpoint_every=500, seed=seed, device="cpu",
-        progress=not quiet))
-    print(f"[2/3] pretraining a tiny DT for {steps} steps ...")
+    print(f"[2/3] pretraining a tiny DT for {config.train.steps} steps ...")
     result = pretrain(data, PRETRAIN_TASKS, out, config, resume=True)
     if result.history:
         print(f"      loss {result.history[-1][1]:.4f} after {result.history[-1][0]} updates")
@@ -100,6 +106,7 @@ def effect_table(results: dict, episodes: int) -> str:
     return "\n".join(lines)
 
 
+@script_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -107,13 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     data, pre, ft = out / "data", out / "pretrain", out / "finetune"
+    # every setting and the output location, before step 1 writes anything
+    if args.episodes < 1:
+        raise InputError(f"--episodes must be >= 1, got {args.episodes}")
+    check_writable(out)
+    collector = ScriptedCollector(noise=(0.0, 0.1, 0.3, 0.5), max_episode_steps=200)
+    pre_config = pretrain_settings(args.pretrain_steps, args.seed, args.no_progress)
+    config = get_config("quick").replace(steps=args.steps, lr=args.lr, eval_every=args.steps,
+                                         eval_episodes=args.eval_episodes, device="cpu",
+                                         progress=not args.no_progress)
+    exp = Experiment(pretrained=str(pre), data=str(data), tasks=FINETUNE_TASKS, methods=METHODS,
+                     seeds=(args.seed,), protocol="sequential", config=config)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
     print(f"[1/3] collecting {args.episodes} expert episodes for {len(PRETRAIN_TASKS)} MT40 "
           f"and {len(FINETUNE_TASKS)} CW10 tasks ...")
     t0 = time.perf_counter()
-    collector = ScriptedCollector(noise=(0.0, 0.1, 0.3, 0.5), max_episode_steps=200)
     summaries = collect_datasets(PRETRAIN_TASKS + FINETUNE_TASKS, collector, args.episodes,
                                  data, seed=args.seed, workers=2,
                                  progress=not args.no_progress)
@@ -122,24 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      {s.task:<20} {s.status:<9} {s.n_episodes} episodes, "
               f"success {s.success_rate:.2f}, mean return {s.mean_return:.0f}")
 
-    times["pretrain"] = pretrain_base(data, pre, args.pretrain_steps, args.seed,
-                                      args.no_progress)
+    times["pretrain"] = pretrain_base(data, pre, pre_config)
 
-    config = get_config("quick").replace(steps=args.steps, lr=args.lr, eval_every=args.steps,
-                                         eval_episodes=args.eval_episodes, device="cpu",
-                                         progress=not args.no_progress)
-    exp = Experiment(pretrained=str(pre), data=str(data), tasks=FINETUNE_TASKS, methods=METHODS,
-                     seeds=(args.seed,), protocol="sequential", config=config)
     print(f"[3/3] fine-tuning {', '.join(METHODS)} sequentially on {', '.join(FINETUNE_TASKS)} "
           f"({config.train.steps} updates per task) ...")
     t0 = time.perf_counter()
-    try:
-        results = run_experiment(exp, ft, resume=True, report=False)
-        summary = summarize(results)  # the bootstraps are the slow part: once for both
-        write_report(results, ft, summary=summary)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    results = run_experiment(exp, ft, resume=True, report=False)
+    summary = summarize(results)  # the bootstraps are the slow part: once for both
+    write_report(results, ft, summary=summary)
     times["finetune"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
     write_json_atomic(out / "timings.json", times)

@@ -153,8 +153,8 @@ def open_dataset(path: str | os.PathLike, check_finite: bool = True) -> Trajecto
 
     Raises :class:`DatasetError` naming the file and the problem for a missing or
     truncated array, wrong dtype or dimensions, disagreeing lengths, bad episode offsets,
-    NaN/inf (``check_finite``), an unknown format version or manifest counts that
-    disagree with the arrays.
+    NaN/inf (``check_finite``), an unknown format version or manifest counts, success
+    rate or return statistics that disagree with the arrays.
     """
     path = Path(path)
     if not path.is_dir():
@@ -166,7 +166,9 @@ def open_dataset(path: str | os.PathLike, check_finite: bool = True) -> Trajecto
     if check_finite:
         for name in _FLOAT_FIELDS:
             _check_finite(arrays[name], f"{path / (name + '.npy')}")
-    return TrajectoryDataset(path, manifest, arrays)
+    ds = TrajectoryDataset(path, manifest, arrays)
+    _check_manifest_statistics(ds)
+    return ds
 
 
 def open_datasets(
@@ -180,7 +182,11 @@ def open_datasets(
         if not is_complete_dataset(task_dir):
             reason = "is missing" if not task_dir.exists() else "is incomplete (no manifest)"
             raise DatasetError(f"{task_dir}: dataset for task {task!r} {reason}")
-        out[task] = open_dataset(task_dir, check_finite=check_finite)
+        ds = open_dataset(task_dir, check_finite=check_finite)
+        if ds.task != task:
+            raise DatasetError(f"{task_dir / MANIFEST}: holds task {ds.task!r}, but the "
+                               f"directory is {task!r}'s")
+        out[task] = ds
     return out
 
 
@@ -444,6 +450,29 @@ def _check_manifest_counts(manifest: Mapping[str, Any], arrays: Mapping[str, np.
             raise DatasetError(
                 f"{path / MANIFEST}: {key} is {manifest[key]} but the arrays hold {value}"
             )
+
+
+def _check_manifest_statistics(ds: TrajectoryDataset) -> None:
+    """The manifest's success rate and return statistics are the arrays' (one pass over
+    the rewards and successes; the results are kept on ``ds`` for later use)."""
+    file = ds.path / MANIFEST
+    m = ds.manifest
+    if not isinstance(m["task"], str) or not m["task"]:
+        raise DatasetError(f"{file}: task must be a non-empty string, got {m['task']!r}")
+    returns = ds.episode_returns
+    got = {"success_rate": float(ds.episode_success.mean())}
+    got.update({f"return_stats.{k}": v for k, v in (
+        ("mean", float(returns.mean())), ("std", float(returns.std())),
+        ("min", float(returns.min())), ("max", float(returns.max())))})
+    stats = m.get("return_stats")
+    for key, value in got.items():
+        if key.startswith("return_stats."):
+            saved = stats.get(key.split(".")[1]) if isinstance(stats, Mapping) else None
+        else:
+            saved = m.get(key)
+        if not isinstance(saved, (int, float)) or isinstance(saved, bool) or not np.isclose(
+                saved, value, rtol=1e-6, atol=1e-6):
+            raise DatasetError(f"{file}: {key} is {saved!r} but the arrays give {value:.6g}")
 
 
 def _check_finite(arr: np.ndarray, what: str) -> None:

@@ -1,4 +1,7 @@
-"""`EvaResult`: what one EVA run found, saved as ``eva.safetensors`` + ``eva.json``."""
+"""`EvaResult`: what one EVA run found, saved as ``eva.safetensors`` + ``eva.json``.
+
+``eva.json`` holds the SHA-256 of the tensor file and of its own content, so a result
+modified or damaged after it was written is refused on load (as adapters are)."""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eva_rl.eva.config import EvaConfig
-from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
+from eva_rl.io import atomic_write, read_checked_json, sha256_file, write_checked_json
 
 RESULT_FORMAT = "eva-rl-eva-result"
 RESULT_VERSION = 1
@@ -107,8 +111,15 @@ class EvaResult:
             "convergence_step": self.convergence_step, "n_samples": self.n_samples,
             "seconds": self.seconds, "stop_reason": self.stop_reason, "extra": self.extra,
         }
-        atomic_write(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
-        write_json_atomic(meta_path, meta, indent=1)
+
+        def write(tensor_tmp: Path) -> None:
+            # the metadata (with the new tensors' checksum) is renamed in just before the
+            # tensors, as adapters do: a failure before then leaves an older result intact
+            save_file(tensors, str(tensor_tmp))
+            meta["tensor_sha256"] = sha256_file(tensor_tmp)
+            write_checked_json(meta_path, meta, indent=1)
+
+        atomic_write(tensor_path, write)
         return d
 
     @classmethod
@@ -118,8 +129,14 @@ class EvaResult:
         tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
         if not tensor_path.is_file():
             raise ValueError(f"{tensor_path}: no EVA result tensors (file is missing)")
-        meta = read_versioned_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "EVA result")
-        tensors = load_file(str(tensor_path))
+        meta = read_checked_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "EVA result")
+        if meta.get("tensor_sha256") != sha256_file(tensor_path):
+            raise ValueError(f"{tensor_path} does not match {meta_path} (checksum differs): "
+                             "modified or damaged since it was written")
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{tensor_path}: corrupt EVA result tensors: {err}") from err
         comps, svals, ratios, means = {}, {}, {}, {}
         try:
             for p in meta["layers"]:

@@ -1,6 +1,7 @@
 """Training checkpoints: ``run_dir/checkpoints/step_<n>/{model.safetensors,state.pt}``.
 
-Weights are safetensors; the rest (optimizer, schedule step, sampler, RNG, loss history)
+Weights are safetensors (with ``checksums.json``: the SHA-256 of both files, checked on
+load); the rest (optimizer, schedule step, sampler, RNG, loss history)
 is a ``torch.save`` of plain tensors, numbers, strings, lists and dicts, read back with
 ``weights_only=True`` so nothing is ever unpickled. A checkpoint directory is written
 under a temporary name and renamed into place, so a complete-looking one is complete.
@@ -8,6 +9,7 @@ under a temporary name and renamed into place, so a complete-looking one is comp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle  # only for its exception type: torch.load raises it; nothing is unpickled
@@ -19,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from eva_rl.io import atomic_dir, fsync_file
+from eva_rl.io import atomic_dir, fsync_file, sha256_file, write_json_atomic
 from eva_rl.training.run import WEIGHTS_FILE, CheckpointError, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.pt"
+CHECKSUMS_FILE = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -61,7 +64,26 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: dict[str, 
         save_weights(model, tmp / WEIGHTS_FILE)
         torch.save(state, tmp / STATE_FILE)
         fsync_file(tmp / STATE_FILE)
+        write_json_atomic(tmp / CHECKSUMS_FILE, {
+            name: sha256_file(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)})
     return path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """``CheckpointError`` naming the file if a checkpoint's files differ from the checksums
+    written with them (a checkpoint written before checksums existed is accepted)."""
+    path = Path(path)
+    file = path / CHECKSUMS_FILE
+    if not file.is_file():
+        return
+    try:
+        sums = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable checkpoint checksums: {err}") from err
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        if (path / name).is_file() and sums.get(name) != sha256_file(path / name):
+            raise CheckpointError(f"{path / name}: corrupt or modified since it was written "
+                                  f"(checksum differs from {file})")
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,6 +103,7 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     """Load weights into ``model`` (keys and shapes checked) and return the saved state."""
     path = Path(path)
+    verify_checkpoint(path)
     state = read_state(path)
     load_weights(model, path / WEIGHTS_FILE)
     return state

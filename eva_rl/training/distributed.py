@@ -32,10 +32,36 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_device_name(device: str | torch.device) -> None:
+    """``ValueError`` unless ``device`` is ``auto`` or a name torch knows (``cpu``,
+    ``cuda``, ``cuda:1``, ``mps``...); whether it is present is `resolve_device`'s check."""
+    if str(device) == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:<index>"
+                         ) from None
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU."""
+    """``"auto"`` -> this process's CUDA device when CUDA is present, else the CPU.
+
+    A device that is not there (``cuda`` on a machine without CUDA, ``cuda:3`` with two
+    GPUs, ``mps`` off Apple) or an unknown name is a one-line ``ValueError``."""
     if str(device) != "auto":
-        return torch.device(device)
+        check_device_name(device)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {str(device)!r}: CUDA is not available on this "
+                                 "machine (use --device cpu or auto)")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {str(device)!r}: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine")
+        return dev
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local_rank % torch.cuda.device_count())

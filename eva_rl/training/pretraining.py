@@ -12,6 +12,7 @@ its saved settings; only the number of updates (and the progress bar) may change
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,7 +25,10 @@ from typing import Any
 import torch
 
 from eva_rl.data import WindowSampler, compute_state_stats, open_datasets
+from eva_rl.io import check_writable
+from eva_rl.killpoints import kill_point
 from eva_rl.models import PRESETS, DecisionTransformer, DTConfig
+from eva_rl.runlock import RunLock
 from eva_rl.training import distributed
 from eva_rl.training.checkpoint import list_checkpoints
 from eva_rl.training.run import (
@@ -114,6 +118,7 @@ def pretrain(
     out: str | os.PathLike,
     config: PretrainConfig | None = None,
     resume: bool = False,
+    force_unlock: bool = False,
 ) -> PretrainResult:
     """Pretrain a Decision Transformer on ``data/<task>`` for every task; write ``out``.
 
@@ -121,58 +126,91 @@ def pretrain(
     needs ``resume=True``, which continues that run from its latest checkpoint with its
     saved settings (the model, statistics, target returns, mixing and training settings
     of ``config.json``); only ``config.train.steps`` and ``config.train.progress`` are
-    taken from ``config``. ``resume=True`` on an empty ``out`` starts a fresh run.
+    taken from ``config``, and fewer steps than the checkpoint has done are refused.
+    ``resume=True`` on an empty ``out``, or on one interrupted before its first
+    checkpoint, starts from step 0. Everything is validated (device, data, output
+    location, the checkpoint to resume) before anything is written; ``config.json`` is
+    rewritten only after the checkpoint has loaded. The main process holds ``out``'s
+    `RunLock` while it writes (``force_unlock`` breaks one held on another host).
     Under ``torchrun`` (after `init_distributed`) every process trains its slice of the
     global batch and rank 0 writes the files.
 
-    Raises ``FileExistsError`` (occupied ``out`` without ``resume``) or ``ValueError``
-    naming the file or value (data that does not fit the saved run, episodes longer
-    than the model's ``max_ep_len``, a missing or corrupt dataset).
+    Raises ``FileExistsError`` (occupied ``out`` without ``resume``), `RunLocked` (another
+    process writes ``out``) or ``ValueError`` naming the file or value (data that does not
+    fit the saved run, episodes longer than the model's ``max_ep_len``, a missing or
+    corrupt dataset or checkpoint, a device that is not there).
     """
     config = config or PretrainConfig()
     out, tasks = Path(out), list(tasks)
     if not tasks:
         raise ValueError("no tasks given")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists; resume it (--resume, resume=True) or "
-                              "choose a new output directory")
+    dist = distributed.current(config.train.device)  # an unknown or absent device fails here
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     datasets = open_datasets(data, tasks)
     first = next(iter(datasets.values()))
     horizon = max(int(ds.episode_lengths.max()) for ds in datasets.values())
-    resume = resume and (out / CONFIG_FILE).is_file()  # nothing to continue: a fresh run
+    check_writable(out)
+    lock = RunLock(out, force=force_unlock) if dist.is_main else contextlib.nullcontext()
+    with lock:
+        return _pretrain_locked(data, tasks, out, config, resume, datasets, first.obs_dim,
+                                first.act_dim, horizon, dist)
+
+
+def _pretrain_locked(data: str | os.PathLike, tasks: list[str], out: Path,
+                     config: PretrainConfig, resume: bool, datasets: Mapping[str, Any],
+                     obs_dim: int, act_dim: int, horizon: int,
+                     dist: distributed.DistInfo) -> PretrainResult:
+    """`pretrain` once ``out`` is this process's: decide, check, then write."""
+    has_config = (out / CONFIG_FILE).is_file()
+    visible = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    if visible and not resume:
+        raise FileExistsError(f"{out} already exists; resume it (--resume, resume=True) or "
+                              "choose a new output directory")
+    if visible and not has_config:
+        raise FileExistsError(f"{out} holds files but no pretraining run ({CONFIG_FILE} is "
+                              f"missing: {', '.join(sorted(visible)[:5])}); choose a new "
+                              "output directory")
+    resume = resume and has_config  # nothing to continue: a fresh run
     distributed.barrier()  # every process decided before rank 0 writes config.json
     if resume:
-        model_cfg, tcfg, run = _saved_run(out, data, tasks, first.obs_dim, first.act_dim,
-                                          config.train)
+        model_cfg, tcfg, run = _saved_run(out, data, tasks, obs_dim, act_dim, config.train)
     else:
-        model_cfg, tcfg = config.model_config(first.obs_dim, first.act_dim, horizon), config.train
+        model_cfg, tcfg = config.model_config(obs_dim, act_dim, horizon), config.train
         mean, std = compute_state_stats(datasets)
         run = {"state_mean": mean, "state_std": std, "mixing": config.mixing,
                "target_returns": default_target_returns(datasets)}
     if horizon > model_cfg.max_ep_len:
         raise ValueError(f"episodes of {horizon} steps in {data} exceed max_ep_len="
                          f"{model_cfg.max_ep_len} of the model")
+    checkpoints = list_checkpoints(out) if resume else []
+    if checkpoints and checkpoints[-1][0] > tcfg.steps:
+        raise ValueError(f"{checkpoints[-1][1]}: the run has done {checkpoints[-1][0]} "
+                         f"updates; --steps {tcfg.steps} asks for fewer (give --steps >= "
+                         f"{checkpoints[-1][0]}, or a new --out)")
     sampler = WindowSampler(list(datasets.values()), model_cfg.context_len,
                             reward_scale=model_cfg.reward_scale, mixing=run["mixing"],
                             state_mean=run["state_mean"], state_std=run["state_std"],
                             seed=tcfg.seed)
     torch.manual_seed(tcfg.seed)  # the initial weights, so seeded runs are reproducible
     model = DecisionTransformer(model_cfg)
-    dist = distributed.current(tcfg.device)
+    trainer = Trainer(model, sampler, tcfg, out,
+                      hparams={"model": model_cfg.to_dict(), "tasks": ",".join(tasks)})
+    if checkpoints:  # a corrupt checkpoint fails here, before config.json changes
+        trainer.resume_latest()
     if dist.is_main:
         write_run_config(out, model=model_cfg, train=tcfg, tasks=tasks, data=str(data),
                          state_mean=run["state_mean"], state_std=run["state_std"],
                          target_returns=run["target_returns"], overwrite=resume,
                          mixing=run["mixing"], seed=tcfg.seed)
+        kill_point("pretrain.config_written")
         logger.info("%d tasks, %d transitions; model %d x %d: %s parameters; %d process(es) "
                     "on %s", len(tasks), sum(d.n_transitions for d in datasets.values()),
                     model_cfg.n_layer, model_cfg.n_embd, f"{model.num_parameters():,}",
                     dist.world_size, dist.device)
-    trainer = Trainer(model, sampler, tcfg, out,
-                      hparams={"model": model_cfg.to_dict(), "tasks": ",".join(tasks)})
     t0 = time.perf_counter()
     # a run interrupted before its first checkpoint starts again from step 0
-    history = trainer.train(resume=resume and bool(list_checkpoints(out)))
+    history = trainer.train(resume=bool(checkpoints))
     seconds = time.perf_counter() - t0
     if dist.is_main:
         save_weights(model, out / WEIGHTS_FILE)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from eva_rl.io import to_json_safe
+from eva_rl.killpoints import kill_point
 from eva_rl.progress import progress_bar
 from eva_rl.schema import check_known_fields
 from eva_rl.tensorboard import RunLogger
@@ -100,14 +101,20 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+        if not (0 < self.lr < math.inf and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be None or >= 1: {self.keep_checkpoints}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        distributed.check_device_name(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -228,6 +235,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
+        self._resumed = False
         self.history: list[tuple[int, float, float]] = []
         torch.manual_seed(config.seed + self.dist.rank)
         self._loss_module: nn.Module = _LossModule(self.model, self.loss_fn)
@@ -247,7 +255,8 @@ class Trainer:
         """
         cfg, main = self.config, self.dist.is_main
         if resume:
-            self._resume()
+            if not self._resumed:
+                self.resume_latest()
         elif self.run_dir is not None and list_checkpoints(self.run_dir):
             raise FileExistsError(
                 f"{self.run_dir / 'checkpoints'}: holds checkpoints already; pass "
@@ -294,6 +303,7 @@ class Trainer:
                     (every and self.step % every == 0) or self.step == cfg.steps
                 ):
                     self.save_checkpoint()
+                kill_point("trainer.step")
             self._call("on_train_end")
         finally:
             bar.close()
@@ -392,6 +402,7 @@ class Trainer:
             else:
                 save_checkpoint(path, self.model, state)
                 logger.info("saved checkpoint %s", path)
+                kill_point("trainer.checkpoint_saved")
                 if self.config.keep_checkpoints:
                     prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
         distributed.barrier()
@@ -400,14 +411,18 @@ class Trainer:
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _resume(self) -> None:
+    def resume_latest(self) -> Path:
+        """Restore the latest checkpoint of ``run_dir`` now (``train(resume=True)`` then
+        continues from it without loading it again); returns its path."""
         if self.run_dir is None:
             raise ValueError("resume=True needs a run_dir")
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise FileNotFoundError(f"{self.run_dir / 'checkpoints'}: no checkpoint to resume")
         self.load_checkpoint(path)
+        self._resumed = True
         logger.info("resumed from %s at step %d", path, self.step)
+        return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, sampler, RNG and history from a checkpoint directory."""
