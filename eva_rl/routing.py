@@ -40,9 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from eva_rl.adapters.saving import _sha256 as sha256_file
 from eva_rl.eva.result import EvaResult
-from eva_rl.io import atomic_write, write_json_atomic
+from eva_rl.io import atomic_write, sha256_file, write_json_atomic
 
 SIGNATURE_FORMAT = "eva-rl-task-signature"
 SIGNATURE_VERSION = 1

@@ -7,7 +7,6 @@ file, so loading onto another base, other shapes or a half-written pair fails cl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from eva_rl.adapters.model import (
     linear_layers,
     set_active_adapter,
 )
-from eva_rl.io import atomic_write, read_versioned_json, write_json_atomic
+from eva_rl.io import atomic_write, read_versioned_json, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def save_adapter(
         # the metadata (with the new tensors' checksum) is renamed in just before the
         # tensors, so a failure before then leaves a previous adapter here untouched
         save_file(tensors, str(tensor_tmp), metadata={"format": FORMAT, "name": name})
-        meta.update(tensor_sha256=_sha256(tensor_tmp), torch_version=torch.__version__)
+        meta.update(tensor_sha256=sha256_file(tensor_tmp), torch_version=torch.__version__)
         write_json_atomic(targets[1], meta)
 
     atomic_write(targets[0], write)
@@ -132,7 +131,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: {directory} is not a saved adapter")
     meta = read_versioned_json(meta_path, FORMAT, VERSION, "adapter config")
-    if meta.get("tensor_sha256") != _sha256(tensor_path):
+    if meta.get("tensor_sha256") != sha256_file(tensor_path):
         raise ValueError(f"{tensor_path} does not match {meta_path} (checksum differs)")
     return meta
 
@@ -183,10 +182,3 @@ def _check_tensors(
             f"{directory / TENSOR_FILE}: layer {path!r} holds tensors {got}, expected {expected}"
         )
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
