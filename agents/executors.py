@@ -93,13 +93,13 @@ class RayExecutor:
     # ------------------------------------------------------------------ cluster
 
     def check(self) -> None:
-        """Import Ray, join or start the cluster, and check a node can hold one cell."""
-        self._connect()
-        self._check_resources()
+        """Import Ray, join or start the cluster, and check a node can hold one cell (once
+        per connection: `run` calls it too, for callers that did not)."""
+        if self._ray is None:
+            self._connect()
+            self._check_resources()
 
     def _connect(self) -> None:
-        if self._ray is not None:
-            return
         try:
             import ray
         except ImportError:

@@ -370,18 +370,19 @@ def _run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = Fals
     cells = experiment_cells(exp)
     pending = [c for c in cells if not cell_finished(out, exp, c)]
     bar = progress_bar(total=len(cells), initial=len(cells) - len(pending), unit="cell",
-               desc=f"{exp.protocol} cells", disable=not exp.config.train.progress)
+                       desc=f"{exp.protocol} cells", disable=not exp.config.train.progress)
     with bar:
         for cell in executor.run(exp, out, pending, hook):
             bar.update(1)
             bar.set_postfix_str(cell.label(exp))
             write_json(out / "results.json", collect_results(out, exp))
     results = collect_results(out, exp)
-    write_json(out / "results.json", results)
     if report:
         from agents.reports import write_report  # matplotlib: the driver's, not each cell's
 
-        write_report(results, out)
+        write_report(results, out)  # results.json included
+    elif not pending:  # nothing ran: the loop above wrote nothing yet
+        write_json(out / "results.json", results)
     return results
 
 

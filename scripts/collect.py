@@ -18,7 +18,8 @@ import sys
 
 from agents.collection import collect_datasets
 from agents.experts import SACCollector, ScriptedCollector
-from eva_rl.cli import ScriptParser, script_main
+
+from script_cli import ScriptParser, script_main
 
 
 def floats(text: str) -> tuple[float, ...]:

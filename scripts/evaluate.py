@@ -38,9 +38,10 @@ from agents.evaluation import evaluate
 from agents.finetuned import is_finetune_run, load_finetuned_agent
 from agents.routing import ROUTERS, RouterConfig, routing_summary
 from envs import resolve_tasks
-from eva_rl.cli import ScriptParser, script_main
 from eva_rl.io import write_json_atomic
 from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
+
+from script_cli import ScriptParser, script_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,8 @@ import sys
 import time
 
 from agents.peft_export import export_run_adapters
-from eva_rl.cli import ScriptParser, script_main
+
+from script_cli import ScriptParser, script_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

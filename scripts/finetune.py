@@ -29,10 +29,11 @@ from agents.finetune import CONFIGS, FinetuneConfig, get_config
 from agents.methods import METHODS, get_method
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize, write_report
-from eva_rl.cli import ScriptParser, script_main
 from eva_rl.runlock import RunLock
 from eva_rl.schema import add_field_flags
 from eva_rl.training import TrainConfig
+
+from script_cli import ScriptParser, script_main
 
 CONFIG_FLAGS = ("rank", "alpha", "rho", "tau", "fft_lr", "eval_every", "eval_episodes",
                 "max_episode_steps", "routing", "routing_after")

@@ -24,10 +24,11 @@ import sys
 import torch
 
 import envs
-from eva_rl.cli import ScriptParser, script_main
 from eva_rl.models import PRESETS
 from eva_rl.training import PretrainConfig, init_distributed, pretrain, pretrain_train_config
 from eva_rl.training.distributed import cleanup
+
+from script_cli import ScriptParser, script_main
 
 DEFAULTS = PretrainConfig()  # every default below comes from here
 TRAIN = DEFAULTS.train

@@ -33,9 +33,10 @@ from agents.experts import ScriptedCollector
 from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize, write_report
-from eva_rl.cli import InputError, ScriptParser, script_main
 from eva_rl.io import check_writable, write_json_atomic
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain, pretrain_train_config
+
+from script_cli import InputError, ScriptParser, script_main
 
 PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v3",
                   "plate-slide-v3", "window-open-v3")

@@ -17,8 +17,9 @@ from pathlib import Path
 from agents.reports import format_table, load_results, merge_results, summarize, write_report
 from agents.reports.report_dir import check_report_dir, prepare_report_dir
 from agents.reports.statistics import BOOTSTRAP_REPS
-from eva_rl.cli import InputError, ScriptParser, script_main
 from eva_rl.runlock import RunLock
+
+from script_cli import InputError, ScriptParser, script_main
 
 
 def results_file(run: str) -> str:

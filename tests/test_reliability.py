@@ -20,10 +20,11 @@ import pytest
 import torch
 from helpers import ROOT, TASKS, comparable, experiment, run_script
 
-from eva_rl.cli import InputError, script_main
 from eva_rl.io import atomic_write, check_writable, read_checked_json, write_checked_json
 from eva_rl.killpoints import KILL_ENV
 from eva_rl.runlock import LOCK_FILE, RunLock, RunLocked
+
+from script_cli import InputError, script_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

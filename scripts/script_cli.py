@@ -1,4 +1,5 @@
-"""How every script fails: bad input is one ``error:`` line and exit status 2.
+"""How every script fails: bad input is one ``error:`` line and exit status 2 (the scripts' shared
+error path; it prints, so it lives in scripts/, not in a package).
 
     @script_main
     def main(argv: list[str] | None = None) -> int:
