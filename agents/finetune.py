@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,7 +107,10 @@ class FinetuneConfig:
     eval_at_start: bool = True
     """Also evaluate before the first update (the curve's step 0: transfer at the start)."""
     eval_episodes: int = 10
-    """Episodes per task and evaluation."""
+    """Episodes per task and evaluation of the success curve."""
+    final_eval_episodes: int | None = None
+    """Episodes of the evaluation after the last update, the task's final success and the
+    success-matrix rows of ``sequential`` (None = ``eval_episodes``)."""
     max_episode_steps: int = 200
     """Episode horizon (Continual World and the paper: 200)."""
     eva_batch_size: int = 32
@@ -142,6 +146,9 @@ class FinetuneConfig:
                      "eva_max_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.final_eval_episodes is not None and int(self.final_eval_episodes) < 1:
+            raise ValueError(f"final_eval_episodes must be >= 1 (or None), "
+                             f"got {self.final_eval_episodes}")
         if not (0 <= self.adalora_tinit and 0 <= self.adalora_tfinal
                 and self.adalora_tinit + self.adalora_tfinal < 1):
             raise ValueError("adalora_tinit and adalora_tfinal must be >= 0 with a sum below 1, "
@@ -164,6 +171,11 @@ class FinetuneConfig:
         # rho >= 1 and tau in [0, 1]: EVA's own checks, now rather than at the first task
         EvaConfig(rank=self.rank, rho=self.rho, tau=self.tau)
         self.router_config()  # validates routing and routing_after
+
+    @property
+    def final_episodes(self) -> int:
+        """Episodes of the final evaluation of a task."""
+        return self.final_eval_episodes or self.eval_episodes
 
     def router_config(self) -> RouterConfig:
         """The `RouterConfig` of the routing settings."""
@@ -215,7 +227,8 @@ class FinetuneConfig:
         return dataclasses.replace(self, **changes)
 
 
-_LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False}
+_LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False,
+                 "final_eval_episodes": None}
 """Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
@@ -224,6 +237,12 @@ CONFIGS: dict[str, FinetuneConfig] = {
     # the quickstart and smoke runs: a tiny DT, a few minutes for everything
     "quick": FinetuneConfig().replace(steps=120, warmup_steps=10, checkpoint_every=60,
                                       eval_every=120, eval_episodes=5, eva_max_batches=20),
+    # the `bench` tier (agents/tiers.py): every method x CW10 x 3 seeds on 2 CPU cores;
+    # lr, fft_lr and steps chosen on MT40 tasks held out of its pretraining
+    "bench": FinetuneConfig().replace(steps=1500, batch_size=64, lr=3e-3, fft_lr=1e-3,
+                                      warmup_steps=50, checkpoint_every=500, log_every=50,
+                                      eval_every=250, eval_episodes=10, final_eval_episodes=50,
+                                      eva_max_batches=20),
     # the EVA paper's fine-tuning (GPU): 100k updates of batch 128, lr 1e-4
     "paper": FinetuneConfig().replace(steps=100_000, batch_size=128, lr=1e-4, fft_lr=1e-4,
                                       warmup_steps=4000, checkpoint_every=5000, log_every=100,
@@ -251,34 +270,47 @@ def eval_seed(seed: int) -> int:
 
 class SuccessCurve(Callback):
     """Evaluates the task every ``eval_every`` updates (and before the first, and after the
-    last): the success curve. The curve is saved in every checkpoint, so a resumed task has
-    the points measured before the interruption."""
+    last): the success curve. The last point comes from ``final_evaluate_fn`` (default
+    ``evaluate_fn``; e.g. more episodes) and replaces a point at the same update. The curve
+    is saved in every checkpoint, so a resumed task has the points measured before the
+    interruption."""
 
     name = "success_curve"
 
     def __init__(self, evaluate_fn: Callable[[], dict[str, float]], task: str,
-                 eval_every: int, eval_at_start: bool) -> None:
+                 eval_every: int, eval_at_start: bool,
+                 final_evaluate_fn: Callable[[], dict[str, float]] | None = None) -> None:
         self.evaluate_fn = evaluate_fn
+        self.final_evaluate_fn = final_evaluate_fn
         self.task = task
         self.eval_every = eval_every
         self.eval_at_start = eval_at_start
         self.curve: list[list[float]] = []  # [step, success, mean_return]
+        self.final_measured = False  # the last point is the final evaluation's
         self.eval_seconds = 0.0  # all evaluations of the task (kept across a resume)
         self.session_eval_seconds = 0.0  # those of this process only
 
-    def measure(self, trainer: Trainer) -> None:
+    def measure(self, trainer: Trainer, final: bool = False) -> None:
         """Evaluate now (in eval mode) and append ``(step, success, return)`` to the curve."""
         step = trainer.step
+        evaluate_fn = self.evaluate_fn
+        if final and self.final_evaluate_fn is not None:
+            if self.final_measured:
+                return
+            if self.curve and self.curve[-1][0] == step:
+                self.curve.pop()  # measured again, with the final evaluation's episodes
+            evaluate_fn = self.final_evaluate_fn
         if self.curve and self.curve[-1][0] >= step:
             return
         t0 = time.perf_counter()
         with preserve_model_state(trainer.model):
             trainer.model.eval()
-            res = self.evaluate_fn()
+            res = evaluate_fn()
         seconds = time.perf_counter() - t0
         self.eval_seconds += seconds
         self.session_eval_seconds += seconds
         self.curve.append([step, res["success_rate"], res["mean_return"]])
+        self.final_measured = final
         trainer.log_scalars({f"eval/{self.task}/success": res["success_rate"],
                              f"eval/{self.task}/return": res["mean_return"]}, step)
         logger.info("%s step %d: success %.2f", self.task, step, res["success_rate"])
@@ -292,14 +324,16 @@ class SuccessCurve(Callback):
             self.measure(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.measure(trainer)  # the final point (skipped if the curve has it already)
+        self.measure(trainer, final=True)  # skipped if the curve has it already
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curve": self.curve, "eval_seconds": self.eval_seconds}
+        return {"curve": self.curve, "eval_seconds": self.eval_seconds,
+                "final_measured": self.final_measured}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.curve = [[float(v) for v in p] for p in state["curve"]]
         self.eval_seconds = float(state["eval_seconds"])
+        self.final_measured = bool(state.get("final_measured", False))
 
 
 class AdaLoraBudget(Callback):
@@ -460,19 +494,22 @@ def finetune_task(
     _, signature_seconds = ensure_signature(agent, task, dataset, method, config, s, task_dir,
                                             eva_result)
 
-    n_ep = config.eval_episodes
-    first_seed = eval_seed(seed) + n_ep * (index if eval_slot is None else eval_slot)
+    slot = index if eval_slot is None else eval_slot
 
-    def evaluate_task() -> dict[str, float]:
-        return evaluate(agent, [task], n_episodes=n_ep, seed=first_seed,
-                        max_episode_steps=config.max_episode_steps,
-                        progress=False)[task]
+    def evaluate_task(n_episodes: int) -> dict[str, float]:
+        # the episodes of this task in a joint evaluation of all tasks (seeds by slot)
+        return evaluate(agent, [task], n_episodes=n_episodes,
+                        seed=eval_seed(seed) + n_episodes * slot,
+                        max_episode_steps=config.max_episode_steps, progress=False)[task]
 
     cfg = agent.config
     sampler = WindowSampler([dataset], context_len=cfg.context_len,
                             reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
                             state_std=agent.state_std, seed=s)
-    curve_cb = SuccessCurve(evaluate_task, task, config.eval_every, config.eval_at_start)
+    final_fn = (None if config.final_episodes == config.eval_episodes
+                else functools.partial(evaluate_task, config.final_episodes))
+    curve_cb = SuccessCurve(functools.partial(evaluate_task, config.eval_episodes), task,
+                            config.eval_every, config.eval_at_start, final_fn)
     callbacks: list[Callback] = [curve_cb]
     loss_fn = None
     allocator = None
@@ -501,6 +538,7 @@ def finetune_task(
         "method": method.name,
         "seed": seed,
         "success": float(final[1]),
+        "final_episodes": config.final_episodes,
         "mean_return": float(final[2]),
         "target_return": agent.target_return(task),
         "trainable_params": int(trainable),
@@ -510,6 +548,8 @@ def finetune_task(
         "eva_seconds": eva_seconds,
         "eva_share": min(eva_seconds / total, 1.0) if total > 0 else 0.0,
         "signature_seconds": signature_seconds,
+        # the process's peak so far (a Ray worker's covers the cells it ran before)
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_grad_norm": float(history[0][2]) if history else None,
         "loss_curve": loss_curve(history, config.train.log_every),
         "success_curve": {"steps": curve[:, 0].astype(int).tolist(),

@@ -434,7 +434,7 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
         _save_state(agent, method, task, tdir)
         t0 = time.perf_counter()
         evaluate_row = functools.partial(
-            evaluate, agent, unique, n_episodes=exp.config.eval_episodes,
+            evaluate, agent, unique, n_episodes=exp.config.final_episodes,
             seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
             progress=exp.config.train.progress)
         row = evaluate_row(routing=routing.router)

@@ -49,10 +49,10 @@ def experiment(setup, protocol="sequential", methods=("eva_dora",), **kw):
 
 
 def comparable(results):
-    """Everything of the results except wall-clock times."""
+    """Everything of the results except wall-clock times and memory."""
     def strip(rec):
         return {k: v for k, v in rec.items() if "seconds" not in k and k != "eva_share"
-                and k != "eva"}
+                and k != "eva" and k != "peak_rss_mib"}
     return [{**run, "per_task": [strip(r) for r in run["per_task"]]} for run in results["runs"]]
 
 

@@ -192,3 +192,20 @@ def test_sequential_fft_resume_restores_the_previous_task_weights(setup, tmp_pat
     assert comparable(resumed) == comparable(full)
     rec = resumed["runs"][0]["per_task"][1]
     assert rec["trainable_params"] == full["runs"][0]["per_task"][0]["trainable_params"]
+
+
+def test_final_evaluation_with_more_episodes_ends_the_curve(setup, tmp_path):
+    """``final_eval_episodes``: the last curve point (the task's success) and the
+    sequential rows use that many episodes, with the seeds of a joint evaluation."""
+    exp = experiment(setup, eval_every=3, eval_episodes=1, final_eval_episodes=3)
+    run = run_experiment(exp, tmp_path / "run", report=False)["runs"][0]
+    first, second = run["per_task"]
+    assert second["success_curve"]["steps"] == [3, 6]
+    assert second["final_episodes"] == 3
+    assert second["success"] == second["success_curve"]["success"][-1]
+    assert second["success"] in (0, 1 / 3, 2 / 3, 1)
+    # the row after the task evaluates it on the same 3 episodes (the same env seeds)
+    assert run["success_matrix"][1][1] == second["success"]
+    assert first["final_episodes"] == 3 and len(run["success_matrix"][0]) == 2
+    with pytest.raises(ValueError, match="final_eval_episodes must be >= 1"):
+        tiny_config(final_eval_episodes=0)

@@ -1,0 +1,253 @@
+"""Benchmark tiers: the whole experiment (expert data, pretraining, both fine-tuning
+protocols) under one name, sized for a machine, so that one command runs it, resumably,
+and any of its cells can be rerun from nothing (`scripts/reproduce.py`).
+
+    tier = get_tier("bench")
+    collect_stage(tier, "runs/bench")
+    pretrain_stage(tier, "runs/bench")
+    run_experiment(single_experiment(tier, "runs/bench"), tier_paths("runs/bench").single)
+
+Directory of a tier run::
+
+    ROOT/tier.json        the tier (checked when the run is continued)
+    ROOT/costs.json       wall-clock seconds per stage, summed over the sessions that ran it
+    ROOT/data/<task>/     expert datasets (pretraining tasks, then the fine-tuning tasks)
+    ROOT/pretrained/      the pretraining run
+    ROOT/single/          the `single` experiment (all methods x tasks x seeds)
+    ROOT/sequential/      the `sequential` experiment
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from agents.finetune import CONFIGS, FinetuneConfig
+from agents.protocols import Experiment
+from envs import CW10, MT40, resolve_tasks
+from eva_rl.io import read_versioned_json, sha256_file, write_json_atomic
+from eva_rl.schema import check_known_fields
+from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain_train_config
+
+TIER_FILE = "tier.json"
+TIER_FORMAT = "eva-rl-tier"
+COSTS_FILE = "costs.json"
+COSTS_FORMAT = "eva-rl-tier-costs"
+FINGERPRINTS_FILE = "fingerprints.json"
+STAGES = ("collect", "pretrain", "single", "sequential")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One benchmark tier: what is collected, pretrained and fine-tuned, and how."""
+
+    name: str
+    """Its name (``--tier``)."""
+    episodes: int
+    """Scripted-expert episodes per task."""
+    noise: tuple[float, ...]
+    """The experts' action-noise schedule, cycled over episodes."""
+    data_seed: int
+    """Seed of the collection (each task's own seed is derived from it and its name)."""
+    pretrain_tasks: tuple[str, ...]
+    """Tasks the base model is pretrained on."""
+    tuning_tasks: tuple[str, ...]
+    """MT40 tasks held out of pretraining, on which the fine-tuning settings were chosen
+    (never on the tasks reported)."""
+    pretrain: PretrainConfig
+    """Model and pretraining settings."""
+    finetune: FinetuneConfig
+    """Fine-tuning settings of both protocols."""
+    tasks: tuple[str, ...] = CW10
+    """The tasks reported."""
+    methods: tuple[str, ...] = ("fft", "lora", "dora", "pissa", "olora", "adalora", "eva",
+                                "eva_dora", "eva_reverse")
+    """Methods of the `single` experiment."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Fine-tuning seeds (one pretrained model for all)."""
+    sequential_methods: tuple[str, ...] = ("lora", "eva", "eva_dora", "fft")
+    """Methods of the `sequential` experiment."""
+    sequential_final_episodes: int = 20
+    """Episodes per task of each success-matrix row under `sequential` (ten rows of ten
+    tasks: the rows are most of that protocol's cost)."""
+    threads: int = 1
+    """Torch threads of pretraining and of each fine-tuning cell (results are exactly
+    reproducible on the CPU for the same thread count)."""
+
+    def __post_init__(self) -> None:
+        overlap = set(self.pretrain_tasks) & (set(self.tasks) | set(self.tuning_tasks))
+        if overlap:
+            raise ValueError(f"tier {self.name}: pretraining tasks overlap the tuning or "
+                             f"reported tasks: {', '.join(sorted(overlap))}")
+        if set(self.tuning_tasks) & set(self.tasks):
+            raise ValueError(f"tier {self.name}: tuning tasks must not be reported tasks")
+
+    @property
+    def data_tasks(self) -> tuple[str, ...]:
+        """Every task with a dataset: pretraining, tuning, then the reported tasks."""
+        return tuple(dict.fromkeys(self.pretrain_tasks + self.tuning_tasks + self.tasks))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["pretrain"] = dataclasses.asdict(self.pretrain)
+        d["pretrain"]["train"] = self.pretrain.train.to_dict()
+        d["finetune"] = self.finetune.to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tier:
+        """Inverse of `to_dict` (unknown keys are an error)."""
+        check_known_fields(cls, d, "tier")
+        d = dict(d)
+        pre = dict(d["pretrain"])
+        pre["train"] = pretrain_train_config(**pre["train"])
+        d["pretrain"] = PretrainConfig(**pre)
+        d["finetune"] = FinetuneConfig.from_dict(d["finetune"])
+        for name in ("noise", "pretrain_tasks", "tuning_tasks", "tasks", "methods", "seeds",
+                     "sequential_methods"):
+            d[name] = tuple(d[name])
+        return cls(**d)
+
+
+class TierPaths(NamedTuple):
+    """Where a tier run keeps each stage."""
+
+    root: Path
+    data: Path
+    pretrained: Path
+    single: Path
+    sequential: Path
+
+
+def tier_paths(root: str | Path) -> TierPaths:
+    """The stage directories of a tier run in ``root``."""
+    root = Path(root)
+    return TierPaths(root, root / "data", root / "pretrained", root / "single",
+                     root / "sequential")
+
+
+def _without(tasks: tuple[str, ...], removed: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(t for t in tasks if t not in removed)
+
+
+_BENCH_TUNING = resolve_tasks("stick-push,peg-insert-side,sweep-into,coffee-push,door-close")
+
+TIERS: dict[str, Tier] = {
+    "bench": Tier(
+        name="bench",
+        episodes=50,
+        noise=(0.0, 0.1, 0.3, 0.5),
+        data_seed=0,
+        pretrain_tasks=_without(MT40, _BENCH_TUNING),
+        tuning_tasks=_BENCH_TUNING,
+        pretrain=PretrainConfig(preset="tiny", train=pretrain_train_config(
+            steps=10_000, lr=1e-3, checkpoint_every=1000, log_every=100)),
+        finetune=CONFIGS["bench"],
+    ),
+}
+
+
+def get_tier(name: str) -> Tier:
+    """A named tier of `TIERS`, or the tier saved in a ``tier.json`` file at path ``name``
+    (a custom one, or a published run's); neither -> one-line error with the names."""
+    if name in TIERS:
+        return TIERS[name]
+    if name.endswith(".json") or Path(name).is_file():
+        return read_tier_file(name)
+    raise ValueError(f"unknown tier {name!r}; valid tiers: {', '.join(TIERS)} "
+                     f"(or the path of a {TIER_FILE})")
+
+
+def single_experiment(tier: Tier, root: str | Path) -> Experiment:
+    """The tier's `single` experiment on the data and pretrained model in ``root``."""
+    paths = tier_paths(root)
+    return Experiment(pretrained=str(paths.pretrained), data=str(paths.data), tasks=tier.tasks,
+                      methods=tier.methods, seeds=tier.seeds, protocol="single",
+                      config=tier.finetune)
+
+
+def sequential_experiment(tier: Tier, root: str | Path) -> Experiment:
+    """The tier's `sequential` experiment (rows of ``sequential_final_episodes``)."""
+    paths = tier_paths(root)
+    config = tier.finetune.replace(final_eval_episodes=tier.sequential_final_episodes)
+    return Experiment(pretrained=str(paths.pretrained), data=str(paths.data), tasks=tier.tasks,
+                      methods=tier.sequential_methods, seeds=tier.seeds,
+                      protocol="sequential", config=config)
+
+
+def write_tier_file(tier: Tier, path: str | Path) -> Path:
+    """Save ``tier`` as JSON (what `read_tier_file` and ``--tier PATH`` read)."""
+    return write_json_atomic(path, {"format": TIER_FORMAT, "version": 1, "tier": tier.to_dict()})
+
+
+def prepare_tier_dir(tier: Tier, root: str | Path) -> None:
+    """Create ``root`` for ``tier`` or check that it holds this tier's run."""
+    root = Path(root)
+    path = root / TIER_FILE
+    if path.exists():
+        saved = read_tier_file(path).to_dict()
+        if saved != tier.to_dict():
+            changed = sorted(k for k in saved if saved[k] != tier.to_dict()[k])
+            raise ValueError(f"{path} holds another tier's settings (differs in: "
+                             f"{', '.join(changed)}); use another directory")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_tier_file(tier, path)
+
+
+def read_tier_file(path: str | Path) -> Tier:
+    """The tier saved in ``path`` (a ``tier.json``); a clear error naming the file if it is
+    missing, corrupt or not a tier."""
+    obj = read_versioned_json(path, TIER_FORMAT, 1, "tier file")
+    try:
+        return Tier.from_dict(obj["tier"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: corrupt tier file: {err}") from err
+
+
+def read_costs(root: str | Path) -> dict[str, dict[str, float]]:
+    """``{"seconds": {stage: s}, "peak_rss_mib": {stage: MiB}}`` so far."""
+    path = Path(root) / COSTS_FILE
+    if not path.exists():
+        return {"seconds": {}, "peak_rss_mib": {}}
+    obj = read_versioned_json(path, COSTS_FORMAT, 1, "tier costs")
+    return {"seconds": dict(obj["seconds"]), "peak_rss_mib": dict(obj["peak_rss_mib"])}
+
+
+@contextmanager
+def timed_stage(root: str | Path, stage: str,
+                peak_mib: Callable[[], float] | None = None) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to ``costs.json`` under ``stage`` (also when
+    it is interrupted: a resumed stage's cost is the sum of its sessions), and the largest
+    ``peak_mib()`` seen after it."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    path = Path(root) / COSTS_FILE
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        costs = read_costs(root)
+        seconds, peaks = costs["seconds"], costs["peak_rss_mib"]
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+        if peak_mib is not None:
+            peaks[stage] = max(peaks.get(stage, 0.0), peak_mib())
+        write_json_atomic(path, {"format": COSTS_FORMAT, "version": 1, **costs})
+
+
+def fingerprints(root: str | Path, tasks: Sequence[str]) -> dict[str, Any]:
+    """SHA-256 of each task's dataset arrays and of the pretrained weights in tier run
+    ``root`` (what `scripts/reproduce.py` compares to find where a rerun diverged)."""
+    paths = tier_paths(root)
+    data = {}
+    for task in tasks:
+        arrays = sorted((paths.data / task).glob("*.npy"))
+        data[task] = hashlib.sha256("".join(sha256_file(a) for a in arrays).encode()).hexdigest()
+    return {"data": data, "pretrained": sha256_file(paths.pretrained / WEIGHTS_FILE)}

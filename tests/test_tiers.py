@@ -1,0 +1,133 @@
+"""Benchmark tiers: the tier spec, its run directory, `scripts/tier.py` end to end and
+`scripts/reproduce.py` rerunning one published cell."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run_script, tiny_config
+
+from agents.tiers import (
+    TIERS,
+    Tier,
+    get_tier,
+    prepare_tier_dir,
+    read_costs,
+    read_tier_file,
+    timed_stage,
+    write_tier_file,
+)
+from envs import CW10, MT40
+from eva_rl.training import PretrainConfig, pretrain_train_config
+
+
+def tiny_tier(**changes) -> Tier:
+    """A tier of seconds: 2 episodes per task, 6 pretraining and 6 fine-tuning updates."""
+    spec = dict(name="tiny", episodes=2, noise=(0.0, 0.3), data_seed=0,
+                pretrain_tasks=("reach-v3",), tuning_tasks=(),
+                pretrain=PretrainConfig(preset="tiny", train=pretrain_train_config(
+                    6, batch_size=8, checkpoint_every=0, progress=False)),
+                finetune=tiny_config(eval_every=3, eval_episodes=1, final_eval_episodes=2),
+                tasks=("window-close-v3", "faucet-close-v3"), methods=("lora", "eva"),
+                seeds=(0,), sequential_methods=("lora",), sequential_final_episodes=1)
+    return Tier(**{**spec, **changes})
+
+
+def test_bench_tier_never_pretrains_or_tunes_on_the_reported_tasks():
+    bench = get_tier("bench")
+    assert bench.tasks == CW10
+    assert not set(bench.pretrain_tasks) & set(CW10)
+    assert not set(bench.tuning_tasks) & (set(CW10) | set(bench.pretrain_tasks))
+    assert set(bench.pretrain_tasks) | set(bench.tuning_tasks) == set(MT40)
+    assert bench.finetune.final_episodes == 50
+
+
+def test_a_tier_round_trips_through_its_file(tmp_path):
+    for tier in (tiny_tier(), *TIERS.values()):
+        path = write_tier_file(tier, tmp_path / f"{tier.name}.json")
+        assert read_tier_file(path) == tier
+        assert get_tier(str(path)) == tier
+
+
+def test_bad_tiers_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="overlap.*window-close-v3"):
+        tiny_tier(pretrain_tasks=("reach-v3", "window-close-v3"))
+    with pytest.raises(ValueError, match="unknown tier 'nope'; valid tiers: bench"):
+        get_tier("nope")
+    (tmp_path / "tier.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tier.json: corrupt tier file"):
+        get_tier(str(tmp_path / "tier.json"))
+
+
+def test_a_tier_directory_holds_one_tier(tmp_path):
+    prepare_tier_dir(tiny_tier(), tmp_path)
+    prepare_tier_dir(tiny_tier(), tmp_path)  # the same tier: continue
+    with pytest.raises(ValueError, match=r"another tier's settings \(differs in: episodes\)"):
+        prepare_tier_dir(tiny_tier(episodes=3), tmp_path)
+
+
+def test_stage_costs_add_up_over_sessions_and_interruptions(tmp_path):
+    with timed_stage(tmp_path, "pretrain", lambda: 10.0):
+        pass
+    with pytest.raises(KeyboardInterrupt), timed_stage(tmp_path, "pretrain", lambda: 30.0):
+        raise KeyboardInterrupt
+    costs = read_costs(tmp_path)
+    assert costs["peak_rss_mib"] == {"pretrain": 30.0}
+    first = costs["seconds"]["pretrain"]
+    with timed_stage(tmp_path, "pretrain"):
+        pass
+    assert read_costs(tmp_path)["seconds"]["pretrain"] > first
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        with timed_stage(tmp_path, "train"):
+            pass
+
+
+@pytest.mark.slow
+def test_tier_then_reproduce_one_cell(tmp_path):
+    spec = write_tier_file(tiny_tier(), tmp_path / "tiny.json")
+    root, pub, work = tmp_path / "run", tmp_path / "published", tmp_path / "work"
+    done = run_script("tier", ["--tier", str(spec), "--out", str(root), "--workers", "1",
+                               "--publish", str(pub), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    costs = read_costs(root)
+    assert set(costs["seconds"]) == {"collect", "pretrain", "single", "sequential"}
+    assert all(v > 0 for v in costs["peak_rss_mib"].values())
+    for name in ("tier.json", "costs.json", "fingerprints.json", "single/results.json",
+                 "single/report.md", "sequential/results.json", "report/report.md"):
+        assert (pub / name).is_file(), name
+    assert not list(pub.rglob("*.safetensors")) and not list(pub.rglob("checkpoints"))
+    report = (pub / "report" / "report.md").read_text()
+    assert "forward transfer" in report.lower()
+
+    args = ["--results", str(pub), "--method", "eva", "--task", "faucet-close",
+            "--seed", "0", "--work", str(work), "--no-progress"]
+    same = run_script("reproduce", args)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "identical" in same.stdout and "note:" not in same.stdout
+
+    results = json.loads((pub / "single" / "results.json").read_text())
+    for run in results["runs"]:
+        for rec in run["per_task"]:
+            if run["method"] == "eva" and rec["task"] == "faucet-close-v3":
+                rec["auc"] += 0.125
+    (pub / "single" / "results.json").write_text(json.dumps(results))
+    differs = run_script("reproduce", args)  # the work directory is reused: only the cell
+    assert differs.returncode == 1
+    assert "DIFFERENT" in differs.stdout and "auc: published" in differs.stdout
+
+
+def test_reproduce_names_what_the_tier_does_not_have(tmp_path):
+    pub = tmp_path / "published"
+    pub.mkdir()
+    write_tier_file(tiny_tier(), pub / "tier.json")
+    bad_task = run_script("reproduce", ["--results", str(pub), "--method", "lora",
+                                        "--task", "hammer", "--seed", "0"])
+    assert bad_task.returncode == 2
+    assert "hammer-v3 is not a task of tier tiny; its tasks: window-close-v3" in bad_task.stderr
+    bad_method = run_script("reproduce", ["--results", str(pub), "--method", "dora",
+                                          "--task", "window-close", "--seed", "0"])
+    assert bad_method.returncode == 2 and "its methods: lora, eva" in bad_method.stderr
+    no_results = run_script("reproduce", ["--results", str(pub), "--method", "lora",
+                                          "--task", "window-close", "--seed", "0"])
+    assert no_results.returncode == 2 and "results.json" in no_results.stderr
