@@ -10,7 +10,9 @@ wave; when the model holds
 task adapters, envs are grouped by the adapter their task uses and each group gets one
 forward per step (adapters are switched per module, not per sample). Per env the
 return-to-go follows RTG <- min(RTG - r / scale, target / scale); an episode succeeds if
-`info["success"]` was true at any of its steps.
+`info["success"]` was true at any of its steps. With ``stop_on_success`` an episode ends at
+its first success (its success is known then; its return and length count up to there)
+and its env is not stepped again, which saves most of the physics of a good policy.
 
 `routing` other than ``"oracle"`` does not tell the agent the tasks: each episode picks its
 adapter with the agent's router (`agents.routing`), and each task's result gains a
@@ -62,11 +64,14 @@ def evaluate(
     pool: EnvPool | None = None,
     wave_size: int = DEFAULT_WAVE_SIZE,
     routing: Any = "oracle",
+    stop_on_success: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
 
     `routing`: ``"oracle"`` (the task is given), a router name of `agents.routing.ROUTERS`
     (with the agent's `routing` settings otherwise) or a `RouterConfig`.
+    `stop_on_success`: end each episode at its first success (same success rates; returns
+    and lengths up to that step).
 
     `tasks` is anything `envs.resolve_tasks` accepts (suite name, names, comma list);
     repeated tasks are evaluated once. The envs come from `pool` (default: this process's
@@ -96,7 +101,8 @@ def evaluate(
         wave_tasks = [env_tasks[i] for i in wave]
         with pool.vector_env(wave_tasks, [seeds[i] for i in wave], max_episode_steps) as venv:
             parts.append(run_episodes(agent, venv, wave_tasks, progress=progress,
-                                      max_steps=max_episode_steps, router=router))
+                                      max_steps=max_episode_steps, router=router,
+                                      stop_on_success=stop_on_success))
     episodes = _concatenate(parts)
     logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
                 seeds[0], seeds[-1])
@@ -121,6 +127,33 @@ def evaluate(
                                         for k in episodes["routing"]}
             results[task]["router"] = router.config.router
     return results
+
+
+def _step_successes(infos: dict[str, Any], ended: np.ndarray) -> np.ndarray:
+    """Per env, whether the vector env's step reported a success (the ended envs' from
+    their final infos, whichever autoreset mode)."""
+    n = len(ended)
+    step_success = np.asarray(infos.get("success", np.zeros(n)), dtype=bool)
+    step_success &= np.asarray(infos.get("_success", np.ones(n)), dtype=bool)
+    for i, info in final_step_infos(infos, ended).items():
+        step_success[i] = bool(info.get("success", False) or info.get("is_success", False))
+    return step_success
+
+
+def _step_running(venv: gym.vector.SyncVectorEnv, actions: np.ndarray, running: np.ndarray,
+                  obs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Step only the running envs of ``venv`` (no autoreset); the others keep their last
+    observation and a zero reward. Returns observations, rewards, ended, successes."""
+    n = len(running)
+    obs = obs.copy()
+    rewards = np.zeros(n, dtype=np.float64)
+    ended = np.zeros(n, dtype=bool)
+    success = np.zeros(n, dtype=bool)
+    for i in np.flatnonzero(running):
+        obs[i], rewards[i], terminated, truncated, info = venv.envs[i].step(actions[i])
+        ended[i] = terminated or truncated
+        success[i] = bool(info.get("success", False) or info.get("is_success", False))
+    return obs, rewards, ended, success
 
 
 def _concatenate(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -155,15 +188,21 @@ def run_episodes(
     progress: bool = True,
     max_steps: int | None = None,
     router: Any = None,
+    stop_on_success: bool = False,
 ) -> dict[str, Any]:
     """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
 
-    `max_steps` (the envs' horizon) only sizes the progress bar.
+    `max_steps` (the envs' horizon) only sizes the progress bar. `stop_on_success` ends an
+    episode at its first success; `venv` must then be a ``SyncVectorEnv`` (its envs are
+    stepped one by one, the finished ones not at all).
     Returns per env ``successes`` (bool), ``returns`` (float64) and ``lengths`` (int64).
     `venv` must be freshly made (its first reset starts the seeded episodes). The model's
     train/eval mode, active adapter and ``requires_grad`` flags are restored afterwards.
     """
     n = venv.num_envs
+    if stop_on_success and not isinstance(venv, gym.vector.SyncVectorEnv):
+        raise ValueError(f"stop_on_success steps envs one by one: it needs a SyncVectorEnv, "
+                         f"got {type(venv).__name__}")
     if len(env_tasks) != n:
         raise ValueError(f"{len(env_tasks)} tasks given for a vector env of {n} envs")
     obs_shape = venv.single_observation_space.shape
@@ -209,17 +248,19 @@ def run_episodes(
                     agent.use_adapter(name)
                     current = name
                 actions[rows] = ctx.next_actions(rows if len(groups) > 1 else None).cpu().numpy()
-            obs, rewards, terminated, truncated, infos = venv.step(actions)
+            if stop_on_success:
+                obs, rewards, ended, step_success = _step_running(venv, actions, running, obs)
+            else:
+                obs, rewards, terminated, truncated, infos = venv.step(actions)
+                ended = (terminated | truncated) & running
+                step_success = _step_successes(infos, ended)
             ctx.push_rewards(rewards)
-            ended = (terminated | truncated) & running
-            step_success = np.asarray(infos.get("success", np.zeros(n)), dtype=bool)
-            step_success &= np.asarray(infos.get("_success", np.ones(n)), dtype=bool)
-            for i, info in final_step_infos(infos, ended).items():
-                step_success[i] = bool(info.get("success", False) or info.get("is_success", False))
             successes |= step_success & running
             returns[running] += rewards[running]
             lengths[running] += 1
             running &= ~ended
+            if stop_on_success:
+                running &= ~successes
             bar.update(1)
     out: dict[str, Any] = {"successes": successes, "returns": returns, "lengths": lengths}
     if router is not None:

@@ -113,6 +113,9 @@ class FinetuneConfig:
     success-matrix rows of ``sequential`` (None = ``eval_episodes``)."""
     max_episode_steps: int = 200
     """Episode horizon (Continual World and the paper: 200)."""
+    eval_stop_on_success: bool = False
+    """End evaluation episodes at their first success (the same success rates, for a good
+    policy a fraction of the env steps; returns then count up to the success)."""
     eva_batch_size: int = 32
     """Windows per EVA forward pass."""
     eva_max_batches: int = 50
@@ -228,7 +231,7 @@ class FinetuneConfig:
 
 
 _LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False,
-                 "final_eval_episodes": None}
+                 "final_eval_episodes": None, "eval_stop_on_success": False}
 """Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
@@ -242,7 +245,7 @@ CONFIGS: dict[str, FinetuneConfig] = {
     "bench": FinetuneConfig().replace(steps=1500, batch_size=64, lr=3e-3, fft_lr=1e-3,
                                       warmup_steps=50, checkpoint_every=500, log_every=50,
                                       eval_every=250, eval_episodes=10, final_eval_episodes=50,
-                                      eva_max_batches=20),
+                                      eval_stop_on_success=True, eva_max_batches=20),
     # the EVA paper's fine-tuning (GPU): 100k updates of batch 128, lr 1e-4
     "paper": FinetuneConfig().replace(steps=100_000, batch_size=128, lr=1e-4, fft_lr=1e-4,
                                       warmup_steps=4000, checkpoint_every=5000, log_every=100,
@@ -500,7 +503,8 @@ def finetune_task(
         # the episodes of this task in a joint evaluation of all tasks (seeds by slot)
         return evaluate(agent, [task], n_episodes=n_episodes,
                         seed=eval_seed(seed) + n_episodes * slot,
-                        max_episode_steps=config.max_episode_steps, progress=False)[task]
+                        max_episode_steps=config.max_episode_steps, progress=False,
+                        stop_on_success=config.eval_stop_on_success)[task]
 
     cfg = agent.config
     sampler = WindowSampler([dataset], context_len=cfg.context_len,

@@ -436,7 +436,7 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
         evaluate_row = functools.partial(
             evaluate, agent, unique, n_episodes=exp.config.final_episodes,
             seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
-            progress=exp.config.train.progress)
+            progress=exp.config.train.progress, stop_on_success=exp.config.eval_stop_on_success)
         row = evaluate_row(routing=routing.router)
         record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
         record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]

@@ -125,6 +125,53 @@ def test_success_any_step_in_both_autoreset_modes():
     np.testing.assert_allclose(out["returns"], results[SOLVED_TASK]["returns"], rtol=1e-6)
 
 
+def test_stop_on_success_keeps_success_and_skips_the_rest():
+    """Episodes that end at their first success: the same successes as full episodes, the
+    length and return up to that step; a failing episode runs to the horizon."""
+    agent = tiny_agent()
+    head = agent.model.action_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.atanh(torch.tensor(SOLVING_ACTION)))
+    agent.target_returns[SOLVED_TASK] = 100.0
+    tasks = [SOLVED_TASK, "hammer"]  # the drawer closes, the hammer is never picked up
+    kw = dict(n_episodes=3, seed=5, max_episode_steps=SOLVE_STEPS, progress=False)
+    full = evaluate(agent, tasks, **kw)
+    short = evaluate(agent, tasks, stop_on_success=True, **kw)
+    for task in full:
+        assert short[task]["successes"] == full[task]["successes"]
+    drawer, hammer = short[SOLVED_TASK], short["hammer-v3"]
+    assert all(0 < n < SOLVE_STEPS for n in drawer["lengths"])
+    assert hammer["lengths"] == full["hammer-v3"]["lengths"] == [SOLVE_STEPS] * 3
+    assert hammer["returns"] == full["hammer-v3"]["returns"]
+    for n, ret, rewards in zip(drawer["lengths"], drawer["returns"],
+                               _episode_rewards(agent, SOLVED_TASK, 5, 3, SOLVE_STEPS)):
+        assert ret == pytest.approx(sum(rewards[:n]))
+    with pytest.raises(ValueError, match="needs a SyncVectorEnv"):
+        venv = make_vec_env([SOLVED_TASK], n_envs=1, asynchronous=True, max_episode_steps=5)
+        try:
+            run_episodes(agent, venv, [SOLVED_TASK], progress=False, stop_on_success=True)
+        finally:
+            venv.close()
+
+
+def _episode_rewards(agent, task, seed, n, steps):
+    """Per-step rewards of the full episodes of ``evaluate(..., seed=seed)`` on ``task``."""
+    agent.set_task(task)
+    out = []
+    for e in range(n):
+        env = make_env(task, seed=seed + e, max_episode_steps=steps)
+        agent.reset()
+        obs, _ = env.reset()
+        rewards = []
+        for _ in range(steps):
+            obs, reward, *_ = env.step(agent.act(obs))
+            agent.observe(reward)
+            rewards.append(reward)
+        out.append(rewards)
+    return out
+
+
 def test_evaluate_needs_target_returns():
     with pytest.raises(ValueError, match="known tasks: hammer-v3, push-wall-v3"):
         evaluate(tiny_agent(), ["reach"], n_episodes=1, progress=False)
