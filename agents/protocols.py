@@ -280,10 +280,11 @@ class Cell:
 
 
 def experiment_cells(exp: Experiment) -> list[Cell]:
-    """Every cell of ``exp``, methods outermost (the order the local executor runs them)."""
+    """Every cell of ``exp`` in the order they are run: seeds outermost, so that a run cut
+    short holds whole seeds of every method."""
     if exp.protocol == "sequential":
-        return [Cell(m, s) for m in exp.methods for s in exp.seeds]
-    return [Cell(m, s, i) for m in exp.methods for s in exp.seeds for i in range(len(exp.tasks))]
+        return [Cell(m, s) for s in exp.seeds for m in exp.methods]
+    return [Cell(m, s, i) for s in exp.seeds for m in exp.methods for i in range(len(exp.tasks))]
 
 
 def cell_dir(out: str | os.PathLike, exp: Experiment, cell: Cell) -> Path:
