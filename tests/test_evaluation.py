@@ -144,9 +144,9 @@ def test_stop_on_success_keeps_success_and_skips_the_rest():
     assert all(0 < n < SOLVE_STEPS for n in drawer["lengths"])
     assert hammer["lengths"] == full["hammer-v3"]["lengths"] == [SOLVE_STEPS] * 3
     assert hammer["returns"] == full["hammer-v3"]["returns"]
-    for n, ret, rewards in zip(drawer["lengths"], drawer["returns"],
-                               _episode_rewards(agent, SOLVED_TASK, 5, 3, SOLVE_STEPS)):
-        assert ret == pytest.approx(sum(rewards[:n]))
+    rewards = _episode_rewards(agent, SOLVED_TASK, 5, 3, SOLVE_STEPS)
+    for n, ret, episode in zip(drawer["lengths"], drawer["returns"], rewards, strict=True):
+        assert ret == pytest.approx(sum(episode[:n]))
     with pytest.raises(ValueError, match="needs a SyncVectorEnv"):
         venv = make_vec_env([SOLVED_TASK], n_envs=1, asynchronous=True, max_episode_steps=5)
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from agents.reports.results import short_name
+from agents.reports.results import mean_success_curves, short_name
 from agents.reports.statistics import REFERENCE_METHOD
 from eva_rl import metrics
 from eva_rl.io import atomic_write
@@ -77,6 +77,26 @@ def figure_success_per_task(methods: dict, protocol: str) -> Figure:
     ax.set_ylabel("success rate")
     ax.set_title(f"success per task — {protocol} protocol", fontsize=9)
     ax.legend(fontsize=7)
+    return fig
+
+
+def figure_success_curves(curves: dict[str, dict], protocol: str) -> Figure:
+    """Mean success over tasks and seeds against fine-tuning updates, one line per method
+    (band: ± one standard error over the (task, seed) runs)."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for k, (method, c) in enumerate(curves.items()):
+        steps, mean = np.asarray(c["steps"]), np.asarray(c["mean"])
+        ax.plot(steps, mean, marker="o", color=f"C{k % 10}", label=method)
+        if c["stderr"] is not None:
+            err = np.asarray(c["stderr"])
+            ax.fill_between(steps, mean - err, mean + err, color=f"C{k % 10}", alpha=0.15)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("fine-tuning updates")
+    ax.set_ylabel("mean success over tasks and seeds")
+    ax.set_title(f"success vs updates — {protocol} protocol", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
     return fig
 
 
@@ -161,6 +181,9 @@ def figure_routing_confusion(run: dict) -> Figure:
 def build_figures(results: dict, summary: dict) -> dict[str, Figure]:
     """Every plot of the report, keyed by file stem."""
     figures: dict[str, Figure] = {}
+    curves = mean_success_curves(results, "single")
+    if curves:
+        figures["success_curves_single"] = figure_success_curves(curves, "single")
     for protocol, methods in summary.items():
         figures[f"success_per_task_{protocol}"] = figure_success_per_task(methods, protocol)
         figures[f"comparison_{protocol}"] = figure_comparison(methods, protocol)

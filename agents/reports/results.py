@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eva_rl import metrics
 from eva_rl.io import read_versioned_json, to_json_safe, write_json_atomic, write_text_atomic
 
@@ -119,6 +121,27 @@ def task_auc(record: dict) -> float:
         return metrics.success_auc(curve["success"], curve["steps"])
     except ValueError as err:
         raise ValueError(f"task {record['task']} (index {record['index']}): {err}") from err
+
+
+def mean_success_curves(results: dict, protocol: str = "single") -> dict[str, dict]:
+    """Per method, the success curve averaged over every task and seed of ``protocol``:
+    ``{"steps": [...], "mean": [...], "stderr": [...], "n": records}`` at the updates every
+    record was evaluated at (all of them, in one experiment)."""
+    records: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        if run["protocol"] == protocol:
+            records.setdefault(run["method"], []).extend(run["per_task"])
+    curves = {}
+    for method, recs in records.items():
+        if not recs:
+            continue
+        steps = sorted(set.intersection(*(set(r["success_curve"]["steps"]) for r in recs)))
+        table = np.array([[dict(zip(r["success_curve"]["steps"], r["success_curve"]["success"],
+                                    strict=True))[s] for s in steps] for r in recs])
+        stderr = table.std(0, ddof=1) / np.sqrt(len(recs)) if len(recs) > 1 else None
+        curves[method] = {"steps": steps, "mean": table.mean(0).tolist(),
+                          "stderr": None if stderr is None else stderr.tolist(), "n": len(recs)}
+    return curves
 
 
 # ---------------------------------------------------------------------------- CSV
