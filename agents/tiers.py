@@ -73,7 +73,7 @@ class Tier:
     """Fine-tuning seeds (one pretrained model for all)."""
     sequential_methods: tuple[str, ...] = ("lora", "eva", "eva_dora", "fft")
     """Methods of the `sequential` experiment."""
-    sequential_final_episodes: int = 20
+    sequential_final_episodes: int = 10
     """Episodes per task of each success-matrix row under `sequential` (ten rows of ten
     tasks: the rows are most of that protocol's cost)."""
     threads: int = 1

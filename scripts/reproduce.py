@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(work)
     paths = tier_paths(work)
     progress = not args.no_progress
+    t0 = time.perf_counter()
 
     collector = ScriptedCollector(noise=tier.noise,
                                   max_episode_steps=tier.finetune.max_episode_steps)
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     run_cell(exp, run, Cell(args.method, args.seed, index))
     rerun = read_record(task_dir_of(run_dir_of(run, args.method, args.seed), index, task))
 
-    print(f"{tier.name}: {args.method} x {task} x seed {args.seed}")
+    print(f"{tier.name}: {args.method} x {task} x seed {args.seed} "
+          f"({time.perf_counter() - t0:.0f} s, data and pretraining included)")
     print(f"{'':>14} {'published':>10} {'rerun':>10}")
     for key in ("success", "auc", "mean_return"):
         print(f"{key:>14} {published[key]:>10.4f} {rerun[key]:>10.4f}")
