@@ -251,3 +251,50 @@ def fingerprints(root: str | Path, tasks: Sequence[str]) -> dict[str, Any]:
         arrays = sorted((paths.data / task).glob("*.npy"))
         data[task] = hashlib.sha256("".join(sha256_file(a) for a in arrays).encode()).hexdigest()
     return {"data": data, "pretrained": sha256_file(paths.pretrained / WEIGHTS_FILE)}
+
+
+def cost_split(costs: dict[str, dict[str, float]], results: dict[str, Any]) -> dict[str, Any]:
+    """Where a tier's time went: wall-clock seconds per stage (``costs.json``) and, summed
+    over the fine-tuning task records of ``results`` per protocol, the seconds of training
+    updates, evaluation, EVA init and routing signatures (worker seconds: with N cells at
+    once they add up to about N x the stage's wall time), with the largest peak RSS of a
+    process that ran cells."""
+    split: dict[str, Any] = {"stage_seconds": dict(costs["seconds"]),
+                             "stage_peak_rss_mib": dict(costs["peak_rss_mib"])}
+    for run in results["runs"]:
+        part = split.setdefault(run["protocol"], {
+            "cells": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "eva_seconds": 0.0,
+            "signature_seconds": 0.0, "row_eval_seconds": 0.0, "worker_peak_rss_mib": 0.0})
+        for rec in run["per_task"]:
+            part["cells"] += 1
+            for key in ("train_seconds", "eval_seconds", "eva_seconds", "signature_seconds",
+                        "row_eval_seconds"):
+                part[key] += float(rec.get(key) or 0.0)
+            part["worker_peak_rss_mib"] = max(part["worker_peak_rss_mib"],
+                                              float(rec.get("peak_rss_mib") or 0.0))
+    return split
+
+
+def format_cost_split(split: dict[str, Any]) -> str:
+    """`cost_split` as markdown tables."""
+    lines = ["## Wall-clock time per stage", "", "| stage | seconds | peak RSS (MiB) |",
+             "|---|---|---|"]
+    for stage, seconds in split["stage_seconds"].items():
+        peak = split["stage_peak_rss_mib"].get(stage)
+        lines.append(f"| {stage} | {seconds:.0f} | {'–' if peak is None else f'{peak:.0f}'} |")
+    for protocol in ("single", "sequential"):
+        part = split.get(protocol)
+        if not part:
+            continue
+        parts = ("train_seconds", "eval_seconds", "row_eval_seconds", "eva_seconds",
+                 "signature_seconds")
+        total = sum(part[k] for k in parts) or 1.0
+        lines += ["", f"## Inside the `{protocol}` cells ({part['cells']} task records; "
+                  "worker seconds)", "", "| part | seconds | share |", "|---|---|---|"]
+        for key in parts:
+            if part[key]:
+                lines.append(f"| {key.removesuffix('_seconds').replace('_', ' ')} | "
+                             f"{part[key]:.0f} | {100 * part[key] / total:.1f}% |")
+        lines += ["", f"Largest peak RSS of a process that ran cells: "
+                  f"{part['worker_peak_rss_mib']:.0f} MiB."]
+    return "\n".join(lines) + "\n"

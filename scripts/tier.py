@@ -38,21 +38,25 @@ from agents.tiers import (
     TIER_FILE,
     TIERS,
     Tier,
+    cost_split,
     fingerprints,
+    format_cost_split,
     get_tier,
     prepare_tier_dir,
+    read_costs,
     sequential_experiment,
     single_experiment,
     tier_paths,
     timed_stage,
 )
-from eva_rl.io import check_writable, write_json_atomic
+from eva_rl.io import check_writable, write_json_atomic, write_text_atomic
 from eva_rl.training import WEIGHTS_FILE, pretrain
 
 from script_cli import InputError, ScriptParser, script_main
 
 REPORT_DIR = "report"
-PUBLISHED = ("results.json", "results.csv", "report.md", "plots")
+COSTS_REPORT = "costs.md"
+PUBLISHED = ("results.json", "results.csv", "report.md", "plots", COSTS_REPORT)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +120,7 @@ def finetune_stage(tier: Tier, out: Path, protocol: str, executor: Executor,
     run_experiment(exp, run_dir, resume=True, executor=executor, report=True)
 
 
-def report_stage(out: Path) -> str:
+def report_stage(tier: Tier, out: Path) -> str:
     """One report of both protocols (so that forward transfer has the `single` runs as
     its reference); returns the summary table."""
     paths = tier_paths(out)
@@ -127,6 +131,9 @@ def report_stage(out: Path) -> str:
     results = merge_results(parts)
     summary = summarize(results)
     write_report(results, out / REPORT_DIR, summary=summary)
+    write_text_atomic(out / REPORT_DIR / COSTS_REPORT,
+                      f"# Tier {tier.name}: costs\n\n"
+                      + format_cost_split(cost_split(read_costs(out), results)))
     return format_table(summary)
 
 
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages:
         logging.info("tier %s: stage %s", tier.name, stage)
         if stage == "report":
-            print(report_stage(out))
+            print(report_stage(tier, out))
             continue
         with timed_stage(out, stage, peak_rss_mib):
             if stage == "collect":

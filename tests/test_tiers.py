@@ -11,6 +11,8 @@ from helpers import run_script, tiny_config
 from agents.tiers import (
     TIERS,
     Tier,
+    cost_split,
+    format_cost_split,
     get_tier,
     prepare_tier_dir,
     read_costs,
@@ -83,6 +85,22 @@ def test_stage_costs_add_up_over_sessions_and_interruptions(tmp_path):
             pass
 
 
+def test_cost_split_sums_the_records_per_protocol():
+    costs = {"seconds": {"collect": 5.0, "single": 20.0}, "peak_rss_mib": {"single": 300.0}}
+    rec = {"train_seconds": 3.0, "eval_seconds": 1.0, "eva_seconds": 0.5, "peak_rss_mib": 700}
+    results = {"runs": [
+        {"protocol": "single", "per_task": [rec, {**rec, "peak_rss_mib": 900}]},
+        {"protocol": "sequential", "per_task": [{**rec, "row_eval_seconds": 4.0}]}]}
+    split = cost_split(costs, results)
+    assert split["single"]["cells"] == 2 and split["single"]["train_seconds"] == 6.0
+    assert split["single"]["worker_peak_rss_mib"] == 900
+    assert split["sequential"]["row_eval_seconds"] == 4.0
+    text = format_cost_split(split)
+    assert "| collect | 5 | – |" in text and "| single | 20 | 300 |" in text
+    assert "| train | 6 | 66.7% |" in text  # 6 of 6 + 2 + 1 seconds
+    assert "| row eval | 4 | 47.1% |" in text  # 4 of 3 + 1 + 4 + 0.5
+
+
 @pytest.mark.slow
 def test_tier_then_reproduce_one_cell(tmp_path):
     spec = write_tier_file(tiny_tier(), tmp_path / "tiny.json")
@@ -94,7 +112,8 @@ def test_tier_then_reproduce_one_cell(tmp_path):
     assert set(costs["seconds"]) == {"collect", "pretrain", "single", "sequential"}
     assert all(v > 0 for v in costs["peak_rss_mib"].values())
     for name in ("tier.json", "costs.json", "fingerprints.json", "single/results.json",
-                 "single/report.md", "sequential/results.json", "report/report.md"):
+                 "single/report.md", "sequential/results.json", "report/report.md",
+                 "report/costs.md"):
         assert (pub / name).is_file(), name
     assert not list(pub.rglob("*.safetensors")) and not list(pub.rglob("checkpoints"))
     report = (pub / "report" / "report.md").read_text()
