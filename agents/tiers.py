@@ -298,3 +298,39 @@ def format_cost_split(split: dict[str, Any]) -> str:
         lines += ["", f"Largest peak RSS of a process that ran cells: "
                   f"{part['worker_peak_rss_mib']:.0f} MiB."]
     return "\n".join(lines) + "\n"
+
+
+def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) -> int:
+    """Write the finished `single` cells of a published tier (``published/single/
+    results.json``) into the `single` run directory of ``root`` as finished task records,
+    so that the stage runs only the cells still missing (e.g. a seed a session had no time
+    for). The published tier must equal ``tier``; cells already in ``root`` are kept.
+    Returns the number of records written. Restored cells have a record only (no adapter
+    or signature: routing and PEFT export need the cell rerun)."""
+    from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
+    from agents.reports import load_results
+
+    published = Path(published)
+    saved = read_tier_file(published / TIER_FILE)
+    if saved != tier:
+        changed = sorted(k for k, v in saved.to_dict().items() if tier.to_dict()[k] != v)
+        raise ValueError(f"{published / TIER_FILE} is another tier's (differs in: "
+                         f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
+    exp = single_experiment(tier, root)
+    run_root = tier_paths(root).single
+    prepare_run_dir(run_root, exp, resume=True)
+    written = 0
+    for run in load_results(published / "single" / "results.json")["runs"]:
+        if run["method"] not in tier.methods or run["seed"] not in tier.seeds:
+            continue
+        for rec in run["per_task"]:
+            if tier.tasks[rec["index"]] != rec["task"]:
+                raise ValueError(f"{published}: record {run['method']} seed {run['seed']} "
+                                 f"{rec['task']} has index {rec['index']}, another task's")
+            tdir = task_dir_of(run_dir_of(run_root, run["method"], run["seed"]), rec["index"],
+                               rec["task"])
+            if read_record(tdir) is None:
+                tdir.mkdir(parents=True, exist_ok=True)
+                write_record(tdir, rec)
+                written += 1
+    return written

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_script, tiny_config
+from helpers import comparable, run_script, tiny_config
 
 from agents.tiers import (
     TIERS,
@@ -124,6 +124,23 @@ def test_tier_then_reproduce_one_cell(tmp_path):
     same = run_script("reproduce", args)
     assert same.returncode == 0, same.stdout + same.stderr
     assert "identical" in same.stdout and "note:" not in same.stdout
+
+    # a new run directory continues from the published cells: one dropped is run again
+    partial = json.loads((pub / "single" / "results.json").read_text())
+    dropped = partial["runs"][0]["per_task"].pop()
+    (tmp_path / "partial" / "single").mkdir(parents=True)
+    (tmp_path / "partial" / "single" / "results.json").write_text(json.dumps(partial))
+    (tmp_path / "partial" / "tier.json").write_bytes((pub / "tier.json").read_bytes())
+    again = run_script("tier", ["--tier", str(spec), "--out", str(tmp_path / "again"),
+                                "--stages", "collect,pretrain,single", "--workers", "1",
+                                "--restore-from", str(tmp_path / "partial"), "--no-progress"])
+    assert again.returncode == 0, again.stderr
+    assert f"restored {len(tiny_tier().methods) * 2 - 1} finished cells" in again.stderr
+    rerun = json.loads((tmp_path / "again" / "single" / "results.json").read_text())
+    published = json.loads((pub / "single" / "results.json").read_text())
+    assert [r["per_task"] for r in comparable(rerun)] == \
+        [r["per_task"] for r in comparable(published)]  # the paths differ, not the cells
+    assert rerun["runs"][0]["per_task"][-1]["task"] == dropped["task"]
 
     results = json.loads((pub / "single" / "results.json").read_text())
     for run in results["runs"]:
