@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-return", type=float, default=None,
                    help="target return of tasks the run has none for (default: the largest "
                         "target return the run knows)")
+    p.add_argument("--stop-on-success", action="store_true",
+                   help="end each episode at its first success (same success rates, fewer "
+                        "env steps; returns and lengths up to the success)")
     p.add_argument("--routing", choices=ROUTERS, default="oracle",
                    help="how episodes pick their adapter (oracle: told the task)")
     p.add_argument("--routing-after", type=int, default=RouterConfig.decide_after,
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
                            redecide=args.routing_redecide)
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                       max_episode_steps=args.max_steps, routing=routing)
+                       max_episode_steps=args.max_steps, routing=routing,
+                       stop_on_success=args.stop_on_success)
     summary = routing_summary(results, agent.adapter_names) if args.routing != "oracle" else None
     width = max(len(t) for t in results)
     route_head = "  routing acc" if summary else ""
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"run": str(args.run), "method": args.method, "episodes": args.episodes,
                    "seed": args.seed, "max_episode_steps": args.max_steps,
                    "routing": args.routing, "routing_after": args.routing_after,
-                   "routing_redecide": args.routing_redecide, "assumed_target_return": assumed,
+                   "routing_redecide": args.routing_redecide,
+                   "stop_on_success": args.stop_on_success, "assumed_target_return": assumed,
                    "mean_success": mean, "tasks": results}
         if summary:
             payload.update(routing_accuracy=summary["accuracy"],
