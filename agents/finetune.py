@@ -326,6 +326,9 @@ class SuccessCurve(Callback):
             self.measure(trainer)
 
     def on_step_end(self, trainer: Trainer) -> None:
+        last = trainer.step >= trainer.config.steps
+        if last and self.final_evaluate_fn is not None:
+            return  # on_train_end measures this update with the final evaluation
         if self.eval_every > 0 and trainer.step % self.eval_every == 0:
             self.measure(trainer)
 

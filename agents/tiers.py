@@ -165,6 +165,34 @@ def get_tier(name: str) -> Tier:
                      f"(or the path of a {TIER_FILE})")
 
 
+def collect_tier_data(tier: Tier, root: str | Path, tasks: Sequence[str] | None = None,
+                      workers: int = 1, progress: bool = True) -> None:
+    """The tier's scripted-expert datasets of ``tasks`` (default: every task it uses) in
+    ``root``; finished ones are kept."""
+    from agents.collection import collect_datasets
+    from agents.experts import ScriptedCollector
+
+    collector = ScriptedCollector(noise=tier.noise,
+                                  max_episode_steps=tier.finetune.max_episode_steps)
+    collect_datasets(tier.data_tasks if tasks is None else tasks, collector, tier.episodes,
+                     tier_paths(root).data, seed=tier.data_seed, workers=workers,
+                     progress=progress)
+
+
+def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
+    """The tier's base model in ``root`` (continued if interrupted), on ``tier.threads``
+    torch threads."""
+    import torch
+
+    from eva_rl.training import pretrain
+
+    paths = tier_paths(root)
+    torch.set_num_threads(tier.threads)
+    train = dataclasses.replace(tier.pretrain.train, progress=progress)
+    pretrain(paths.data, tier.pretrain_tasks, paths.pretrained,
+             dataclasses.replace(tier.pretrain, train=train), resume=True)
+
+
 def single_experiment(tier: Tier, root: str | Path) -> Experiment:
     """The tier's `single` experiment on the data and pretrained model in ``root``."""
     paths = tier_paths(root)

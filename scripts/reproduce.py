@@ -23,10 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from agents.collection import collect_datasets
-from agents.experts import ScriptedCollector
 from agents.protocols import (
     Cell,
     prepare_run_dir,
@@ -39,14 +35,14 @@ from agents.reports import load_results
 from agents.tiers import (
     FINGERPRINTS_FILE,
     TIER_FILE,
+    collect_tier_data,
     fingerprints,
+    pretrain_tier,
     read_tier_file,
     single_experiment,
-    tier_paths,
 )
 from envs import resolve_task
 from eva_rl.io import check_writable
-from eva_rl.training import pretrain
 
 from script_cli import InputError, ScriptParser, script_main
 
@@ -122,19 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     published = published_record(results_dir, args.method, task, args.seed)
     work = Path(args.work or f"runs/reproduce-{tier.name}")
     check_writable(work)
-    paths = tier_paths(work)
     progress = not args.no_progress
     t0 = time.perf_counter()
 
-    collector = ScriptedCollector(noise=tier.noise,
-                                  max_episode_steps=tier.finetune.max_episode_steps)
     needed = list(dict.fromkeys(tier.pretrain_tasks + (task,)))
-    collect_datasets(needed, collector, tier.episodes, paths.data, seed=tier.data_seed,
-                     workers=args.workers, progress=progress)
-    torch.set_num_threads(tier.threads)
-    config = tier.pretrain
-    config.train.progress = progress
-    pretrain(paths.data, tier.pretrain_tasks, paths.pretrained, config, resume=True)
+    collect_tier_data(tier, work, needed, workers=args.workers, progress=progress)
+    pretrain_tier(tier, work, progress)
 
     exp = single_experiment(tier, work)
     exp.config = exp.config.replace(progress=progress)

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-from agents.collection import collect_datasets
 from agents.executors import Executor, LocalExecutor, RayExecutor
-from agents.experts import ScriptedCollector
 from agents.protocols import run_experiment
 from agents.reports import format_table, load_results, merge_results, summarize, write_report
 from agents.tiers import (
@@ -38,11 +36,13 @@ from agents.tiers import (
     TIER_FILE,
     TIERS,
     Tier,
+    collect_tier_data,
     cost_split,
     fingerprints,
     format_cost_split,
     get_tier,
     prepare_tier_dir,
+    pretrain_tier,
     read_costs,
     restore_single_cells,
     sequential_experiment,
@@ -51,7 +51,7 @@ from agents.tiers import (
     timed_stage,
 )
 from eva_rl.io import check_writable, write_json_atomic, write_text_atomic
-from eva_rl.training import WEIGHTS_FILE, pretrain
+from eva_rl.training import WEIGHTS_FILE
 
 from script_cli import InputError, ScriptParser, script_main
 
@@ -93,23 +93,6 @@ def make_executor(args: argparse.Namespace, tier: Tier) -> Executor:
     if args.executor == "local":
         return LocalExecutor()
     return RayExecutor(address=args.ray_address, cpus_per_cell=tier.threads)
-
-
-def collect_stage(tier: Tier, out: Path, workers: int, progress: bool) -> None:
-    """Scripted-expert datasets of every task the tier uses."""
-    collector = ScriptedCollector(noise=tier.noise,
-                                  max_episode_steps=tier.finetune.max_episode_steps)
-    collect_datasets(tier.data_tasks, collector, tier.episodes, tier_paths(out).data,
-                     seed=tier.data_seed, workers=workers, progress=progress)
-
-
-def pretrain_stage(tier: Tier, out: Path, progress: bool) -> None:
-    """The base model, on the pretraining tasks (continued if interrupted)."""
-    paths = tier_paths(out)
-    torch.set_num_threads(tier.threads)
-    config = tier.pretrain
-    config.train.progress = progress
-    pretrain(paths.data, tier.pretrain_tasks, paths.pretrained, config, resume=True)
 
 
 def finetune_stage(tier: Tier, out: Path, protocol: str, executor: Executor,
@@ -193,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with timed_stage(out, stage, peak_rss_mib):
             if stage == "collect":
-                collect_stage(tier, out, args.workers, progress)
+                collect_tier_data(tier, out, workers=args.workers, progress=progress)
             elif stage == "pretrain":
-                pretrain_stage(tier, out, progress)
+                pretrain_tier(tier, out, progress)
             else:
                 if stage == "single" and args.restore_from:
                     n = restore_single_cells(tier, out, args.restore_from)
