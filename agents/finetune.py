@@ -139,6 +139,9 @@ class FinetuneConfig:
     until then)."""
     routing_redecide: bool = False
     """Let the router decide again at every later step."""
+    signature_rank: int | None = None
+    """Components per layer of each task's routing signature; None: ``rank`` (EVA methods
+    then reuse their own components at no cost)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, Mapping):
@@ -149,6 +152,8 @@ class FinetuneConfig:
                      "eva_max_batches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.signature_rank is not None and int(self.signature_rank) < 1:
+            raise ValueError(f"signature_rank must be >= 1 (or None), got {self.signature_rank}")
         if self.final_eval_episodes is not None and int(self.final_eval_episodes) < 1:
             raise ValueError(f"final_eval_episodes must be >= 1 (or None), "
                              f"got {self.final_eval_episodes}")
@@ -231,7 +236,8 @@ class FinetuneConfig:
 
 
 _LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False,
-                 "final_eval_episodes": None, "eval_stop_on_success": False}
+                 "final_eval_episodes": None, "eval_stop_on_success": False,
+                 "signature_rank": None}
 """Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
@@ -444,13 +450,21 @@ def ensure_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, meth
         if (task_dir / "signature").exists():
             raise
     t0 = time.perf_counter()
-    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, method.min_rho), tau=config.tau,
-                           max_batches=config.eva_max_batches, seed=seed)
-    signature = task_signature(agent, task, dataset, eva_config=eva_config,
-                               eva_result=eva_result, batch_size=config.eva_batch_size,
-                               max_batches=config.eva_max_batches, seed=seed)
+    signature = method_task_signature(agent, task, dataset, method, config, seed, eva_result)
     save_signature(signature, task_dir)
     return signature, time.perf_counter() - t0
+
+
+def method_task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset,
+                          method: Method, config: FinetuneConfig, seed: int,
+                          eva_result: EvaResult | None = None) -> TaskSignature:
+    """`task_signature` with a run's settings: EVA's own settings at ``signature_rank``."""
+    rank = config.rank if config.signature_rank is None else config.signature_rank
+    eva_config = EvaConfig(rank=rank, rho=max(config.rho, method.min_rho), tau=config.tau,
+                           max_batches=config.eva_max_batches, seed=seed)
+    return task_signature(agent, task, dataset, eva_config=eva_config, eva_result=eva_result,
+                          batch_size=config.eva_batch_size,
+                          max_batches=config.eva_max_batches, seed=seed)
 
 
 def train_config(method: Method, config: FinetuneConfig, seed: int) -> TrainConfig:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from agents.dt_agent import DTAgent
+from agents.finetune import finetune_seed, method_task_signature
 from agents.methods import get_method
 from agents.protocols import (
     EXPERIMENT_FORMAT,
@@ -28,8 +29,9 @@ from agents.protocols import (
     run_dir_of,
     task_dir_of,
 )
-from agents.routing import SIGNATURE_DIR, load_signature
+from agents.routing import SIGNATURE_DIR, load_signature, save_signature
 from eva_rl.adapters import delete_adapter, load_adapter
+from eva_rl.data import open_datasets
 from eva_rl.io import read_versioned_json
 from eva_rl.training import load_weights
 
@@ -46,10 +48,10 @@ def is_finetune_run(path: str | os.PathLike) -> bool:
     return True
 
 
-def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
-                         device: torch.device | str | None = None) -> DTAgent:
-    """The agent of run (``method``, ``seed``) of the fine-tuning run ``out``; a one-line
-    ``ValueError`` naming what is missing (no such method/seed, no finished task)."""
+def finished_tasks(out: str | os.PathLike, method: str, seed: int
+                   ) -> tuple[Experiment, list[tuple[str, Path, dict[str, Any]]]]:
+    """The experiment of run ``out`` and the (task, task directory, record) of every task
+    that run (``method``, ``seed``) finished; a one-line ``ValueError`` if there is none."""
     out = Path(out)
     saved = read_versioned_json(out / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION,
                                 "fine-tuning run config")
@@ -58,13 +60,7 @@ def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
         raise ValueError(f"{out}: the run has methods {list(exp.methods)}, not {method!r}")
     if seed not in exp.seeds:
         raise ValueError(f"{out}: the run has seeds {list(exp.seeds)}, not {seed}")
-    m = get_method(method)
-    if m.is_full and exp.protocol == "single":
-        raise ValueError(f"{out}: fft under the single protocol holds one model per task; "
-                         "evaluate a task's model.safetensors on its own")
     run = run_dir_of(out, method, seed)
-    agent = DTAgent.load(exp.pretrained, device=device)
-    fingerprint = agent.fingerprint()
     finished: list[tuple[str, Path, dict[str, Any]]] = []
     for i, task in enumerate(exp.tasks):
         tdir = task_dir_of(run, i, task)
@@ -76,6 +72,21 @@ def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
         finished.append((task, tdir, record))
     if not finished:
         raise ValueError(f"{run}: no finished task to evaluate")
+    return exp, finished
+
+
+def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
+                         device: torch.device | str | None = None) -> DTAgent:
+    """The agent of run (``method``, ``seed``) of the fine-tuning run ``out``; a one-line
+    ``ValueError`` naming what is missing (no such method/seed, no finished task)."""
+    out = Path(out)
+    exp, finished = finished_tasks(out, method, seed)
+    m = get_method(method)
+    if m.is_full and exp.protocol == "single":
+        raise ValueError(f"{out}: fft under the single protocol holds one model per task; "
+                         "evaluate a task's model.safetensors on its own")
+    agent = DTAgent.load(exp.pretrained, device=device)
+    fingerprint = agent.fingerprint()
     for task, tdir, record in finished:
         agent.target_returns[task] = float(record["target_return"])
         if m.is_full:
@@ -92,3 +103,30 @@ def load_finetuned_agent(out: str | os.PathLike, method: str, seed: int,
                         "finetune_run": str(out), "method": method, "seed": seed}
     logger.info("loaded %s %s seed %d: %d tasks", out, method, seed, len(finished))
     return agent
+
+
+def write_signatures(out: str | os.PathLike, method: str, seed: int, *,
+                     rank: int | None = None, force: bool = False,
+                     device: torch.device | str | None = None) -> list[Path]:
+    """(Re)compute the routing signature of every finished task of run (``method``,
+    ``seed``) from its task's data, as fine-tuning does at ``rank`` components per layer
+    (default the run's ``signature_rank``); the directories written. Existing signatures
+    are kept unless ``force`` (for runs made before signatures, or another rank)."""
+    exp, finished = finished_tasks(out, method, seed)
+    m = get_method(method)
+    if m.is_full:
+        raise ValueError(f"{out}: {method} fine-tunes the base itself; it has nothing to route")
+    config = exp.config if rank is None else exp.config.replace(signature_rank=rank)
+    agent = DTAgent.load(exp.pretrained, device=device)
+    datasets = open_datasets(exp.data, dict.fromkeys(t for t, _, _ in finished))
+    written = []
+    for task, tdir, record in finished:
+        if (tdir / SIGNATURE_DIR).exists() and not force:
+            logger.info("%s: signature kept (use force to replace it)", tdir)
+            continue
+        sig = method_task_signature(agent, task, datasets[task], m, config,
+                                    finetune_seed(seed, int(record["index"])))
+        written.append(save_signature(sig, tdir))
+        logger.info("%s: signature written (rank %s)", tdir,
+                    config.signature_rank or config.rank)
+    return written

@@ -18,6 +18,7 @@ Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,8 +58,9 @@ class RouterConfig:
     """Observations of an episode seen before its decision (1 = on the first one)."""
     redecide: bool = False
     """Decide again at every later step (one more base forward per step)."""
-    score: str = "ppca"
-    """Score of the ``eva`` router (`eva_rl.routing.SCORES`)."""
+    score: str = "residual"
+    """Score of the ``eva`` router (`eva_rl.routing.SCORES`); ``residual`` routed CW10 episode
+    starts better than ``ppca`` at the `bench` tier (README)."""
     unknown: bool = True
     """``eva``: say None (base model acts) when no task explains the window."""
 
@@ -130,6 +132,34 @@ def _sampler_batches(agent: DTAgent, dataset: TrajectoryDataset, batch_size: int
         yield {k: torch.as_tensor(v, device=agent.device) for k, v in batch.items()}
 
 
+def _episode_start_batches(agent: DTAgent, dataset: TrajectoryDataset, batch_size: int,
+                           seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The windows a router decides on: the first L steps of random episodes, one batch
+    per L = 1 .. context_len (the data's own return-to-go)."""
+    rng = np.random.default_rng(seed)
+    scale = agent.config.reward_scale
+    lengths = np.asarray(dataset.episode_lengths)
+    for L in range(1, agent.config.context_len + 1):
+        long_enough = np.flatnonzero(lengths >= L)
+        if not len(long_enough):
+            return
+        cols: dict[str, list[np.ndarray]] = {"states": [], "actions": [], "rewards": [],
+                                             "returns_to_go": []}
+        for e in rng.choice(long_enough, size=batch_size):
+            ep = dataset.episode(int(e))
+            rewards = np.asarray(ep["rewards"], np.float32)
+            rtg = np.cumsum(rewards[::-1])[::-1][:L] / scale
+            cols["states"].append((ep["observations"][:L] - agent.state_mean) / agent.state_std)
+            cols["actions"].append(ep["actions"][:L])
+            cols["rewards"].append(rewards[:L, None])
+            cols["returns_to_go"].append(rtg[:, None])
+        batch = {k: torch.as_tensor(np.stack(v), dtype=torch.float32, device=agent.device)
+                 for k, v in cols.items()}
+        batch["timesteps"] = torch.arange(L, device=agent.device).expand(batch_size, L)
+        batch["mask"] = torch.ones(batch_size, L, dtype=torch.bool, device=agent.device)
+        yield batch
+
+
 def task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, *,
                    eva_config: EvaConfig, eva_result: EvaResult | None = None,
                    batch_size: int = 32, max_batches: int = 50, seed: int = 0,
@@ -138,13 +168,16 @@ def task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, *,
                    ) -> TaskSignature:
     """The signature of `task` on the agent's frozen base model.
 
-    The subspaces are EVA's (`eva_result`, when it covers `layers`) or, for any other
-    method, `compute_eva` run the same way on the task's data restricted to `layers`.
-    Centroids and thresholds come from `calibration_batches` fresh windows of the data."""
+    The subspaces are EVA's (`eva_result`, when it covers `layers` at `eva_config.rank`) or
+    `compute_eva` run the same way on the task's data restricted to `layers` (any other
+    method, or another rank). Centroids and thresholds come from `calibration_batches`
+    fresh windows of the data plus the episode starts a router decides on (the first 1 ..
+    context_len steps): calibrated on full windows alone, short start windows look unknown.
+    """
     model = agent.model
     paths = find_target_layers(model, layers)
-    if eva_result is None or eva_result.means is None or any(
-            p not in eva_result.components for p in paths):
+    if eva_result is None or eva_result.means is None or eva_result.config.rank != \
+            eva_config.rank or any(p not in eva_result.components for p in paths):
         config = dataclasses.replace(eva_config, target_modules=tuple(paths), progress=False)
         forward, mask_fn = dt_forward_and_mask(model)
         eva_result = compute_eva(model, _sampler_batches(agent, dataset, batch_size,
@@ -155,8 +188,9 @@ def task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, *,
         source = "eva"
     sig = TaskSignature.from_eva(task, eva_result, paths, agent.fingerprint(),
                                  extra={"source": source, "batches": eva_result.batches_used})
-    rows, windows, keys = _gather(model, paths, _sampler_batches(
-        agent, dataset, batch_size, calibration_batches, seed + 104_729))
+    rows, windows, keys = _gather(model, paths, itertools.chain(
+        _sampler_batches(agent, dataset, batch_size, calibration_batches, seed + 104_729),
+        _episode_start_batches(agent, dataset, batch_size, seed + 15_485_863)))
     sig.centroids = {k: v.mean(0) for k, v in keys.items()}
     sig.calibrate(rows, windows, len(keys["obs"]), quantile)
     return sig

@@ -8,9 +8,9 @@ nearest-centroid keys for the baseline routers and a fingerprint of the base wei
 Score of a window under a task (lower = better explained), per token row `x` of a layer,
 `z = x - mu`, `p = V z`, residual `e = |z|^2 - |p|^2`:
 
-- ``"residual"``: `e / d`, the residual energy per dimension (the issue's score; dividing by
+- ``"residual"`` (default): `e / d`, the residual energy per dimension (dividing by
   the width `d` makes a 128-wide and a 512-wide layer count alike);
-- ``"ppca"`` (default): the probabilistic-PCA negative log-likelihood per dimension,
+- ``"ppca"``: the probabilistic-PCA negative log-likelihood per dimension,
   `(e / s2 + sum(p^2 / lambda) + sum(log lambda) + (d - k) log s2) / d` with the task's
   residual variance per dimension `s2 = (T - sum(lambda)) / (d - k)`. The residual is
   measured in units of the task's own spread (so layers of any scale are comparable), a
@@ -19,7 +19,7 @@ Score of a window under a task (lower = better explained), per token row `x` of 
 
 A window's score is the mean over its rows, summed over layers. Every number a task's score
 uses is that task's own, so adding a task never changes another task's scores. A task's
-threshold is a quantile of its own scores on its training windows; a window that no task
+threshold is a quantile of its own scores on its calibration windows; a window that no task
 scores within its threshold is *unknown* (`None`).
 
 Pure torch + numpy (no environment, no agent): `agents.routing` feeds it a DT's activations.
@@ -140,7 +140,7 @@ class TaskSignature:
         return cls(task=task, layers=subspaces, fingerprint=fingerprint, **kw)
 
     def window_scores(self, rows: Mapping[str, torch.Tensor], window: torch.Tensor,
-                      n_windows: int, score: str = "ppca") -> torch.Tensor:
+                      n_windows: int, score: str = "residual") -> torch.Tensor:
         """Score of each window `(n_windows,)`: per layer the mean row score of its rows
         (`window[i]` = the window of row i), summed over layers."""
         total = torch.zeros(n_windows, dtype=torch.float64)
@@ -266,14 +266,14 @@ class SignaturePool:
             raise ValueError("the router has no task signatures to choose among")
 
     def subspace_scores(self, rows: Mapping[str, torch.Tensor], window: torch.Tensor,
-                        n_windows: int, score: str = "ppca") -> torch.Tensor:
+                        n_windows: int, score: str = "residual") -> torch.Tensor:
         """`(n_windows, n_tasks)` scores, tasks in `names` order."""
         self._require()
         return torch.stack([s.window_scores(rows, window, n_windows, score)
                             for s in self.signatures.values()], dim=1)
 
     def route_subspace(self, rows: Mapping[str, torch.Tensor], window: torch.Tensor,
-                       n_windows: int, score: str = "ppca", unknown: bool = True
+                       n_windows: int, score: str = "residual", unknown: bool = True
                        ) -> list[str | None]:
         """The best-explaining task per window; None where no task scores within its
         threshold (with `unknown`; tasks without a threshold never say unknown)."""

@@ -39,6 +39,7 @@ from agents.finetuned import is_finetune_run, load_finetuned_agent
 from agents.routing import ROUTERS, RouterConfig, routing_summary
 from envs import resolve_tasks
 from eva_rl.io import write_json_atomic
+from eva_rl.routing import SCORES
 from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 
 from script_cli import ScriptParser, script_main
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how episodes pick their adapter (oracle: told the task)")
     p.add_argument("--routing-after", type=int, default=RouterConfig.decide_after,
                    help="observations seen before the router decides (the base acts before)")
+    p.add_argument("--routing-score", choices=SCORES, default=RouterConfig.score,
+                   help="how the eva router scores a window under a task (eva_rl.routing)")
     p.add_argument("--routing-redecide", action="store_true",
                    help="let the router decide again at every later step")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         [t for spec in specs for t in spec.split(",") if t])))
     assumed = fill_target_returns(agent, tasks, args.target_return)
     routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
-                           redecide=args.routing_redecide)
+                           redecide=args.routing_redecide, score=args.routing_score)
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
                        max_episode_steps=args.max_steps, routing=routing,
                        stop_on_success=args.stop_on_success)
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                    "seed": args.seed, "max_episode_steps": args.max_steps,
                    "routing": args.routing, "routing_after": args.routing_after,
                    "routing_redecide": args.routing_redecide,
+                   "routing_score": args.routing_score,
                    "stop_on_success": args.stop_on_success, "assumed_target_return": assumed,
                    "mean_success": mean, "tasks": results}
         if summary:

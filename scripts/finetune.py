@@ -36,7 +36,8 @@ from eva_rl.training import TrainConfig
 from script_cli import ScriptParser, script_main
 
 CONFIG_FLAGS = ("rank", "alpha", "rho", "tau", "fft_lr", "eval_every", "eval_episodes",
-                "final_eval_episodes", "max_episode_steps", "routing", "routing_after")
+                "final_eval_episodes", "max_episode_steps", "routing", "routing_after",
+                "signature_rank")
 TRAIN_FLAGS = ("lr", "steps", "batch_size", "warmup_steps", "device")
 
 

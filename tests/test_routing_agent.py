@@ -149,3 +149,48 @@ def test_evaluate_script_bad_input_is_one_error_line(routed_run, setup, tmp_path
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and expect in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_thresholds_admit_the_episode_starts_a_router_decides_on(routed_run, setup):
+    """Calibrated on full windows alone, a one-step episode start looked unknown to its own
+    task (half the bench tier's episodes at k=1); the starts are now calibrated on too."""
+    from agents.routing import _episode_start_batches, base_features
+    from eva_rl.data import open_datasets
+
+    out, _ = routed_run
+    _, data, _ = setup
+    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
+    datasets = open_datasets(data, TASKS)
+    for task in TASKS:
+        sig = agent.signatures.signatures[task]
+        for batch in _episode_start_batches(agent, datasets[task], 16, seed=123):
+            rows, window, _ = base_features(agent.model, list(sig.layers), batch)
+            scores = sig.window_scores(rows, window, 16, "residual")
+            assert float((scores > sig.thresholds["residual"]).float().mean()) <= 0.1, \
+                (task, batch["mask"].shape[1])
+
+
+def test_signatures_script_keeps_or_rewrites_a_runs_signatures(routed_run, tmp_path):
+    out, _ = routed_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    files = [copy / f"runs/lora/seed_0/{i:02d}_{t}/signature/signature.safetensors"
+             for i, t in enumerate(TASKS)]
+    before = [f.read_bytes() for f in files]
+    args = ["--run", str(copy), "--method", "lora", "--seed", "0"]
+    proc = run_script("signatures", args)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 0 signatures" in proc.stdout  # kept without --force
+    assert [f.read_bytes() for f in files] == before
+    proc = run_script("signatures", [*args, "--rank", "2", "--force"])
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 signatures" in proc.stdout
+    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")  # loads: checksums, base
+    for task in TASKS:
+        sig = agent.signatures.signatures[task]
+        assert {s.components.shape[0] for s in sig.layers.values()} == {2}
+    for bad, expect in ((["--rank", "0"], "--rank"), (["--method", "eva"], "methods"),
+                        (["--seed", "3"], "seeds")):
+        argv = [*args, *bad]
+        proc = run_script("signatures", argv)
+        assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], bad
