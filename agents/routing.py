@@ -132,32 +132,47 @@ def _sampler_batches(agent: DTAgent, dataset: TrajectoryDataset, batch_size: int
         yield {k: torch.as_tensor(v, device=agent.device) for k, v in batch.items()}
 
 
+def episode_prefix_batch(agent: DTAgent, dataset: TrajectoryDataset, episodes: Sequence[int],
+                         steps: int, target_return: float | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """The window a router sees after `steps` observations of each of `episodes` (their
+    last ``min(steps, context_len)`` steps, the newest action and reward still to come),
+    conditioned on `target_return` as a rollout is (default: the episode's own return)."""
+    L = min(int(steps), agent.config.context_len)
+    lo = int(steps) - L
+    scale = agent.config.reward_scale
+    cols: dict[str, list[np.ndarray]] = {"states": [], "actions": [], "rewards": [],
+                                         "returns_to_go": []}
+    for e in episodes:
+        ep = dataset.episode(int(e))
+        if len(ep["rewards"]) < steps:
+            raise ValueError(f"episode {e} has {len(ep['rewards'])} steps, fewer than {steps}")
+        rewards = np.asarray(ep["rewards"], np.float32)
+        start = float(rewards.sum()) if target_return is None else float(target_return)
+        rtg = (start - np.concatenate(([0.0], np.cumsum(rewards[:steps - 1])))) / scale
+        cols["states"].append((ep["observations"][lo:steps] - agent.state_mean) / agent.state_std)
+        cols["actions"].append(ep["actions"][lo:steps])
+        cols["rewards"].append(rewards[lo:steps, None])
+        cols["returns_to_go"].append(rtg[lo:, None])
+    batch = {k: torch.as_tensor(np.stack(v), dtype=torch.float32, device=agent.device)
+             for k, v in cols.items()}
+    n = len(cols["states"])
+    batch["timesteps"] = torch.arange(lo, steps, device=agent.device).expand(n, L)
+    batch["mask"] = torch.ones(n, L, dtype=torch.bool, device=agent.device)
+    return batch
+
+
 def _episode_start_batches(agent: DTAgent, dataset: TrajectoryDataset, batch_size: int,
                            seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """The windows a router decides on: the first L steps of random episodes, one batch
-    per L = 1 .. context_len (the data's own return-to-go)."""
+    per L = 1 .. context_len."""
     rng = np.random.default_rng(seed)
-    scale = agent.config.reward_scale
     lengths = np.asarray(dataset.episode_lengths)
     for L in range(1, agent.config.context_len + 1):
         long_enough = np.flatnonzero(lengths >= L)
         if not len(long_enough):
             return
-        cols: dict[str, list[np.ndarray]] = {"states": [], "actions": [], "rewards": [],
-                                             "returns_to_go": []}
-        for e in rng.choice(long_enough, size=batch_size):
-            ep = dataset.episode(int(e))
-            rewards = np.asarray(ep["rewards"], np.float32)
-            rtg = np.cumsum(rewards[::-1])[::-1][:L] / scale
-            cols["states"].append((ep["observations"][:L] - agent.state_mean) / agent.state_std)
-            cols["actions"].append(ep["actions"][:L])
-            cols["rewards"].append(rewards[:L, None])
-            cols["returns_to_go"].append(rtg[:, None])
-        batch = {k: torch.as_tensor(np.stack(v), dtype=torch.float32, device=agent.device)
-                 for k, v in cols.items()}
-        batch["timesteps"] = torch.arange(L, device=agent.device).expand(batch_size, L)
-        batch["mask"] = torch.ones(batch_size, L, dtype=torch.bool, device=agent.device)
-        yield batch
+        yield episode_prefix_batch(agent, dataset, rng.choice(long_enough, size=batch_size), L)
 
 
 def task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, *,

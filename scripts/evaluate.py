@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -140,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     assumed = fill_target_returns(agent, tasks, args.target_return)
     routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
                            redecide=args.routing_redecide, score=args.routing_score)
+    t0 = time.perf_counter()
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
                        max_episode_steps=args.max_steps, routing=routing,
                        stop_on_success=args.stop_on_success)
+    seconds = time.perf_counter() - t0
+    env_steps = int(sum(sum(r["lengths"]) for r in results.values()))
     summary = routing_summary(results, agent.adapter_names) if args.routing != "oracle" else None
     width = max(len(t) for t in results)
     route_head = "  routing acc" if summary else ""
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task:<{width}}  {r['success_rate']:7.2f}  {r['mean_return']:11.1f}  "
               f"{r['mean_length']:11.1f}  {(r['adapter'] or '-'):<7}{acc}")
     mean = sum(r["success_rate"] for r in results.values()) / len(results)
-    print(f"{'mean':<{width}}  {mean:7.2f}   ({args.episodes} episodes per task, seed {args.seed})")
+    print(f"{'mean':<{width}}  {mean:7.2f}   ({args.episodes} episodes per task, seed {args.seed}; "
+          f"{env_steps} env steps in {seconds:.1f} s)")
     if summary:
         print(f"routing {args.routing} after {args.routing_after} observations: accuracy "
               f"{summary['accuracy']:.2f}, unknown rate {summary['unknown_rate']:.2f}")
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                    "routing_redecide": args.routing_redecide,
                    "routing_score": args.routing_score,
                    "stop_on_success": args.stop_on_success, "assumed_target_return": assumed,
-                   "mean_success": mean, "tasks": results}
+                   "mean_success": mean, "seconds": seconds, "env_steps": env_steps,
+                   "tasks": results}
         if summary:
             payload.update(routing_accuracy=summary["accuracy"],
                            routing_per_task=summary["per_task"],
