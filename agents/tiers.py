@@ -333,8 +333,9 @@ def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) ->
     results.json``) into the `single` run directory of ``root`` as finished task records,
     so that the stage runs only the cells still missing (e.g. a seed a session had no time
     for). The published tier must equal ``tier``; cells already in ``root`` are kept.
-    Returns the number of records written. Restored cells have a record only (no adapter
-    or signature: routing and PEFT export need the cell rerun)."""
+    Returns the number of records written; their share of the published stage's seconds
+    joins ``root/costs.json``. Restored cells have a record only (no adapter or signature:
+    routing and PEFT export need the cell rerun)."""
     from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
     from agents.reports import load_results
 
@@ -347,7 +348,7 @@ def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) ->
     exp = single_experiment(tier, root)
     run_root = tier_paths(root).single
     prepare_run_dir(run_root, exp, resume=True)
-    written = 0
+    written = total = 0
     for run in load_results(published / "single" / "results.json")["runs"]:
         if run["method"] not in tier.methods or run["seed"] not in tier.seeds:
             continue
@@ -361,4 +362,23 @@ def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) ->
                 tdir.mkdir(parents=True, exist_ok=True)
                 write_record(tdir, rec)
                 written += 1
+            total += 1
+    if written:
+        carry_restored_costs(root, published, written / total)
     return written
+
+
+def carry_restored_costs(root: str | Path, published: str | Path, share: float) -> None:
+    """Add ``share`` of the published `single` stage's seconds (the cost of the cells
+    restored from it) to ``root/costs.json``, so that the stage's cost stays the sum of
+    every session that ran its cells."""
+    published_costs = read_costs(published)
+    seconds = published_costs["seconds"].get("single")
+    if seconds is None:
+        return
+    costs = read_costs(root)
+    costs["seconds"]["single"] = costs["seconds"].get("single", 0.0) + share * seconds
+    peak = published_costs["peak_rss_mib"].get("single")
+    if peak is not None:
+        costs["peak_rss_mib"]["single"] = max(costs["peak_rss_mib"].get("single", 0.0), peak)
+    write_json_atomic(Path(root) / COSTS_FILE, {"format": COSTS_FORMAT, "version": 1, **costs})

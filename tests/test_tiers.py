@@ -11,6 +11,7 @@ from helpers import comparable, run_script, tiny_config
 from agents.tiers import (
     TIERS,
     Tier,
+    carry_restored_costs,
     cost_split,
     format_cost_split,
     get_tier,
@@ -101,6 +102,22 @@ def test_cost_split_sums_the_records_per_protocol():
     assert "| row eval | 4 | 47.1% |" in text  # 4 of 3 + 1 + 4 + 0.5
 
 
+def test_restored_cells_bring_their_share_of_the_published_cost(tmp_path):
+    def costs(root, seconds, peaks):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "costs.json").write_text(json.dumps({
+            "format": "eva-rl-tier-costs", "version": 1, "seconds": seconds,
+            "peak_rss_mib": peaks}))
+
+    costs(tmp_path / "pub", {"collect": 7.0, "single": 100.0}, {"single": 50.0})
+    costs(tmp_path / "run", {"collect": 3.0, "single": 10.0}, {"single": 80.0})
+    carry_restored_costs(tmp_path / "run", tmp_path / "pub", 0.5)
+    assert read_costs(tmp_path / "run") == {"seconds": {"collect": 3.0, "single": 60.0},
+                                            "peak_rss_mib": {"single": 80.0}}
+    carry_restored_costs(tmp_path / "fresh", tmp_path / "pub", 1.0)  # no costs yet
+    assert read_costs(tmp_path / "fresh")["seconds"] == {"single": 100.0}
+
+
 @pytest.mark.slow
 def test_tier_then_reproduce_one_cell(tmp_path):
     spec = write_tier_file(tiny_tier(), tmp_path / "tiny.json")
@@ -131,11 +148,15 @@ def test_tier_then_reproduce_one_cell(tmp_path):
     (tmp_path / "partial" / "single").mkdir(parents=True)
     (tmp_path / "partial" / "single" / "results.json").write_text(json.dumps(partial))
     (tmp_path / "partial" / "tier.json").write_bytes((pub / "tier.json").read_bytes())
+    (tmp_path / "partial" / "costs.json").write_bytes((pub / "costs.json").read_bytes())
     again = run_script("tier", ["--tier", str(spec), "--out", str(tmp_path / "again"),
                                 "--stages", "collect,pretrain,single", "--workers", "1",
                                 "--restore-from", str(tmp_path / "partial"), "--no-progress"])
     assert again.returncode == 0, again.stderr
     assert f"restored {len(tiny_tier().methods) * 2 - 1} finished cells" in again.stderr
+    n_cells = len(tiny_tier().methods) * 2
+    carried = read_costs(pub)["seconds"]["single"] * (n_cells - 1) / n_cells
+    assert read_costs(tmp_path / "again")["seconds"]["single"] > carried  # + its own cell
     rerun = json.loads((tmp_path / "again" / "single" / "results.json").read_text())
     published = json.loads((pub / "single" / "results.json").read_text())
     assert [r["per_task"] for r in comparable(rerun)] == \
