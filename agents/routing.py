@@ -7,10 +7,14 @@ normalised observation) and ``embedding`` (nearest centroid of the base model's 
 final-layer output over the window: the kind of key L2M learns).
 
 An episode is decided once `decide_after` observations have been seen (or re-decided at
-every step from then on with `redecide`); until then, and whenever the decision is None,
-the bare base model acts. Episodes start conditioned on the largest target return of the
-routed tasks (the task is not known yet); a decision switches the episode's target return
-to the chosen task's. One decision = one extra base forward over the envs deciding.
+every step from then on with `redecide`). Until then the best guess so far acts (``before=
+"guess"``: a decision on the steps seen, not yet counted) or the bare base model
+(``"base"``); whenever the decision is None (unknown task) the base model acts. At the
+`bench` tier even one step of the base model's actions cost push-wall's own adapter a third
+of its successes, so guessing is the default. Episodes start conditioned on the largest
+target return of the routed tasks (the task is not known yet); a decision switches the
+episode's target return to the chosen task's. One decision = one extra base forward over
+the envs deciding.
 
 Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature/``.
 """
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ROUTERS = ("oracle", "eva", "obs", "embedding")
+BEFORE_DECISION = ("guess", "base")
 SIGNATURE_DIR = "signature"
 DEFAULT_LAYERS = ("blocks.*.attn.q_proj", "blocks.*.mlp.fc_in")
 """The two LayerNorm outputs of every block (q/k/v share the first): inputs of one scale."""
@@ -58,6 +63,9 @@ class RouterConfig:
     """Observations of an episode seen before its decision (1 = on the first one)."""
     redecide: bool = False
     """Decide again at every later step (one more base forward per step)."""
+    before: str = "guess"
+    """Who acts before the decision: ``guess`` (the best guess on the steps so far; one
+    base forward per step until the decision) or ``base`` (the bare base model)."""
     score: str = "residual"
     """Score of the ``eva`` router (`eva_rl.routing.SCORES`); ``residual`` routed CW10 episode
     starts better than ``ppca`` at the `bench` tier (README)."""
@@ -69,6 +77,9 @@ class RouterConfig:
             raise ValueError(f"unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
         if int(self.decide_after) < 1:
             raise ValueError(f"decide_after must be >= 1, got {self.decide_after}")
+        if self.before not in BEFORE_DECISION:
+            raise ValueError(f"unknown before={self.before!r}; valid: "
+                             f"{', '.join(BEFORE_DECISION)}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; valid: {', '.join(SCORES)}")
 
@@ -258,11 +269,16 @@ class RoutedContext(RolloutContext):
             self.decisions[i] = []
 
     def retarget(self, rows: Sequence[int], targets: Sequence[float]) -> None:
-        """Switch the target return of running episodes; their return-to-go moves with it."""
+        """Switch the target return of running episodes, as if they had been conditioned on
+        it from their start: the return-to-go and every one of it in the context move."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         new = torch.as_tensor(np.asarray(targets, np.float32), device=self.device)
         new = new / self.reward_scale
-        self.rtg[idx] = torch.minimum(self.rtg[idx] + new - self.target[idx], new)
+        shift = new - self.target[idx]
+        self.rtg[idx] = torch.minimum(self.rtg[idx] + shift, new)
+        held = self.returns_to_go[idx]  # (n, K, 1); empty slots stay 0
+        moved = torch.minimum(held + shift[:, None, None], new[:, None, None])
+        self.returns_to_go[idx] = torch.where(self.mask[idx, :, None], moved, held)
         self.target[idx] = new
 
 
@@ -320,13 +336,15 @@ class Router:
         """Decide for the running envs that are due; returns every env's current adapter."""
         seen = ctx.t.cpu().numpy() + 1  # observations of the episode, the current one included
         k = self.config.decide_after
-        due = running & ((seen == k) | (self.config.redecide & (seen > k)))
-        rows = np.flatnonzero(due)
+        final = running & ((seen == k) | (self.config.redecide & (seen > k)))
+        guess = running & (seen < k) & (self.config.before == "guess")
+        rows = np.flatnonzero(final | guess)
         if len(rows):
             chosen = self.choose(ctx, rows)
             for i, c in zip(rows.tolist(), chosen, strict=True):
                 ctx.choice[i] = c
-                ctx.decisions[i].append(c)
+                if final[i]:
+                    ctx.decisions[i].append(c)
             ctx.retarget(rows, self.targets(chosen, ctx.default_target))
         return list(ctx.choice)
 

@@ -37,7 +37,7 @@ import torch
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetuned import is_finetune_run, load_finetuned_agent
-from agents.routing import ROUTERS, RouterConfig, routing_summary
+from agents.routing import BEFORE_DECISION, ROUTERS, RouterConfig, routing_summary
 from envs import resolve_tasks
 from eva_rl.io import write_json_atomic
 from eva_rl.routing import SCORES
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="observations seen before the router decides (the base acts before)")
     p.add_argument("--routing-score", choices=SCORES, default=RouterConfig.score,
                    help="how the eva router scores a window under a task (eva_rl.routing)")
+    p.add_argument("--routing-before", choices=BEFORE_DECISION, default=RouterConfig.before,
+                   help="who acts before the decision: the best guess so far, or the base model")
     p.add_argument("--routing-redecide", action="store_true",
                    help="let the router decide again at every later step")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         [t for spec in specs for t in spec.split(",") if t])))
     assumed = fill_target_returns(agent, tasks, args.target_return)
     routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
-                           redecide=args.routing_redecide, score=args.routing_score)
+                           redecide=args.routing_redecide, score=args.routing_score,
+                           before=args.routing_before)
     t0 = time.perf_counter()
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
                        max_episode_steps=args.max_steps, routing=routing,
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    "routing": args.routing, "routing_after": args.routing_after,
                    "routing_redecide": args.routing_redecide,
                    "routing_score": args.routing_score,
+                   "routing_before": args.routing_before,
                    "stop_on_success": args.stop_on_success, "assumed_target_return": assumed,
                    "mean_success": mean, "seconds": seconds, "env_steps": env_steps,
                    "tasks": results}

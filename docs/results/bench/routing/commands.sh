@@ -4,7 +4,8 @@
 # task on the frozen base), evaluated without telling the agent the task. Their signatures
 # are rewritten first at $RANK components per layer (24: chosen on the MT40 tasks held out
 # of pretraining, starts-mt40-heldout.json; 4: the adapters' own rank), thresholds
-# calibrated on episode starts as this code does.
+# calibrated on episode starts as this code does. Before its decision an episode is
+# played by the best guess so far (the default; `-base`: by the bare base model).
 #   the choice: python scripts/bench/bench_routing_starts.py --pretrained $ROOT/pretrained \
 #     --data $ROOT/data \
 #     --tasks stick-push,peg-insert-side,sweep-into,coffee-push,door-close \
@@ -23,6 +24,7 @@ run() {  # name, router, k, extra flags
 for RANK in 24 4; do  # the rank-4 signatures stay in the run for the baselines below
   $PY scripts/signatures.py --run $ROOT/single --method eva --seed $SEED --rank $RANK --force
   for k in 1 5 20; do run eva-r$RANK-k$k eva $k; done
+  if [ $RANK = 24 ]; then run eva-r24-k5-base eva 5 --routing-before base; fi
 done
 run eva-ppca-r4-k5 eva 5 --routing-score ppca
 run oracle-k5 oracle 5
