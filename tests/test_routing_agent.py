@@ -194,3 +194,26 @@ def test_signatures_script_keeps_or_rewrites_a_runs_signatures(routed_run, tmp_p
         argv = [*args, *bad]
         proc = run_script("signatures", argv)
         assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], bad
+
+
+@pytest.mark.parametrize("before", ["guess", "base"])
+def test_before_the_decision_the_guess_or_the_base_acts(routed_run, before):
+    out, _ = routed_run
+    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
+    agent.routing = RouterConfig(decide_after=3, before=before, unknown=False)
+    agent.set_task(None)
+    obs = np.zeros(agent.config.state_dim, dtype=np.float32)
+    agent.act(obs)
+    agent.observe(0.0)
+    ctx = agent._context
+    assert ctx.decisions[0] == []  # a guess is not a decision
+    assert (ctx.choice[0] in TASKS) if before == "guess" else ctx.choice[0] is None
+    for _ in range(2):
+        agent.act(obs)
+        agent.observe(0.0)
+    assert len(ctx.decisions[0]) == 1 and ctx.choice[0] in TASKS
+
+
+def test_router_config_names_the_valid_choices():
+    with pytest.raises(ValueError, match="before='later'; valid: guess, base"):
+        RouterConfig(before="later")
