@@ -181,6 +181,11 @@ class FinetuneConfig:
         self.router_config()  # validates routing and routing_after
 
     @property
+    def routing_signature_rank(self) -> int:
+        """Components per layer of the routing signatures: ``signature_rank`` or ``rank``."""
+        return self.rank if self.signature_rank is None else self.signature_rank
+
+    @property
     def final_episodes(self) -> int:
         """Episodes of the final evaluation of a task."""
         return self.final_eval_episodes or self.eval_episodes
@@ -459,8 +464,8 @@ def method_task_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset,
                           method: Method, config: FinetuneConfig, seed: int,
                           eva_result: EvaResult | None = None) -> TaskSignature:
     """`task_signature` with a run's settings: EVA's own settings at ``signature_rank``."""
-    rank = config.rank if config.signature_rank is None else config.signature_rank
-    eva_config = EvaConfig(rank=rank, rho=max(config.rho, method.min_rho), tau=config.tau,
+    eva_config = EvaConfig(rank=config.routing_signature_rank,
+                           rho=max(config.rho, method.min_rho), tau=config.tau,
                            max_batches=config.eva_max_batches, seed=seed)
     return task_signature(agent, task, dataset, eva_config=eva_config, eva_result=eva_result,
                           batch_size=config.eva_batch_size,

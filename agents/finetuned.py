@@ -127,6 +127,5 @@ def write_signatures(out: str | os.PathLike, method: str, seed: int, *,
         sig = method_task_signature(agent, task, datasets[task], m, config,
                                     finetune_seed(seed, int(record["index"])))
         written.append(save_signature(sig, tdir))
-        logger.info("%s: signature written (rank %s)", tdir,
-                    config.signature_rank or config.rank)
+        logger.info("%s: signature written (rank %d)", tdir, config.routing_signature_rank)
     return written

@@ -67,8 +67,9 @@ class RouterConfig:
     """Who acts before the decision: ``guess`` (the best guess on the steps so far; one
     base forward per step until the decision) or ``base`` (the bare base model)."""
     score: str = "residual"
-    """Score of the ``eva`` router (`eva_rl.routing.SCORES`); ``residual`` routed CW10 episode
-    starts better than ``ppca`` at the `bench` tier (README)."""
+    """Score of the ``eva`` router (`eva_rl.routing.SCORES`); ``residual`` routed episode
+    starts better than ``ppca`` at every rank on the MT40 tasks held out of the `bench`
+    tier's pretraining (README)."""
     unknown: bool = True
     """``eva``: say None (base model acts) when no task explains the window."""
 

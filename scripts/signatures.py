@@ -7,7 +7,7 @@ default the run's ``signature_rank``, i.e. its adapter rank). Signatures that ex
 kept unless `--force` (each then replaced in place, tensors and JSON written atomically).
 
 Example (the README's routing figures at the bench tier):
-    python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 12 --force
+    python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 24 --force
     python scripts/evaluate.py --run runs/bench/single --method eva --seed-run 2 \
         --tasks CW10 --routing eva --out r.json
 """

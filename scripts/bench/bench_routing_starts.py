@@ -1,8 +1,8 @@
 r"""How the ``eva`` router's settings (score, signature rank) route episode starts, from the
 data alone: no env, no fine-tuning, seconds per setting.
 
-For each task: its signature on a pretrained base (`agents.routing.task_signature`, the
-code fine-tuning runs, at each --ranks), then the windows a router would decide on after k
+For each task: its signature on a pretrained base (`agents.finetune.method_task_signature`,
+the code fine-tuning runs, at each --ranks), then the windows a router would decide on after k
 observations (k of --ks) of the last --episodes episodes of every task's dataset,
 conditioned as a rollout is on the largest target return of the tasks (the task is not
 known yet). Prints routing accuracy (mean over tasks and the worst task) and the unknown
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from agents.dt_agent import DTAgent
-from agents.finetune import get_config
-from agents.routing import base_features, episode_prefix_batch, task_signature
+from agents.finetune import get_config, method_task_signature
+from agents.methods import get_method
+from agents.routing import base_features, episode_prefix_batch
 from envs import resolve_tasks
 from eva_rl.data import open_datasets
-from eva_rl.eva import EvaConfig
 from eva_rl.routing import SCORES, SignaturePool
 from eva_rl.training.run import default_target_return
 
@@ -66,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rank in (int(r) for r in args.ranks.split(",")):
         pool = SignaturePool()
-        for task in tasks:
-            eva = EvaConfig(rank=rank, rho=config.rho, tau=config.tau,
-                            max_batches=config.eva_max_batches, seed=0)
-            pool.add(task_signature(agent, task, datasets[task], eva_config=eva,
-                                    batch_size=config.eva_batch_size,
-                                    max_batches=config.eva_max_batches))
+        at_rank = config.replace(signature_rank=rank)
+        for task in tasks:  # as fine-tuning writes them for an adapter method (not EVA's own)
+            pool.add(method_task_signature(agent, task, datasets[task], get_method("lora"),
+                                           at_rank, seed=0))
         layers = list(next(iter(pool.signatures.values())).layers)
         for k in ks:
             feats = {}
