@@ -328,29 +328,40 @@ def format_cost_split(split: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) -> int:
-    """Write the finished `single` cells of a published tier (``published/single/
-    results.json``) into the `single` run directory of ``root`` as finished task records,
-    so that the stage runs only the cells still missing (e.g. a seed a session had no time
-    for). The published tier must equal ``tier``; cells already in ``root`` are kept.
-    Returns the number of records written; their share of the published stage's seconds
-    joins ``root/costs.json``. Restored cells have a record only (no adapter or signature:
-    routing and PEFT export need the cell rerun)."""
+def restore_cells(tier: Tier, root: str | Path, published: str | Path,
+                  protocol: str = "single") -> int:
+    """Write the finished cells of a published tier (``published/<protocol>/results.json``)
+    into the ``protocol`` run directory of ``root`` as finished task records, so that the
+    stage runs only the cells still missing (e.g. a seed a session had no time for). A
+    `sequential` chain is restored only when all its tasks finished (a part of a chain
+    cannot continue without its weights). The published tier must equal ``tier``; cells
+    already in ``root`` are kept. Returns the number of task records written; their share
+    of the published stage's seconds joins ``root/costs.json``. Restored cells have a
+    record only (no adapter or signature: routing and PEFT export need the cell rerun)."""
     from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
     from agents.reports import load_results
 
+    if protocol not in ("single", "sequential"):
+        raise ValueError(f"unknown protocol {protocol!r}; valid: single, sequential")
     published = Path(published)
     saved = read_tier_file(published / TIER_FILE)
     if saved != tier:
         changed = sorted(k for k, v in saved.to_dict().items() if tier.to_dict()[k] != v)
         raise ValueError(f"{published / TIER_FILE} is another tier's (differs in: "
                          f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
-    exp = single_experiment(tier, root)
-    run_root = tier_paths(root).single
+    sequential = protocol == "sequential"
+    exp = (sequential_experiment if sequential else single_experiment)(tier, root)
+    run_root = getattr(tier_paths(root), protocol)
     prepare_run_dir(run_root, exp, resume=True)
+    source = published / protocol / "results.json"
+    if not source.exists():
+        return 0
     written = total = 0
-    for run in load_results(published / "single" / "results.json")["runs"]:
-        if run["method"] not in tier.methods or run["seed"] not in tier.seeds:
+    for run in load_results(source)["runs"]:
+        if run["method"] not in exp.methods or run["seed"] not in tier.seeds:
+            continue
+        total += len(run["per_task"])
+        if sequential and len(run["per_task"]) != len(tier.tasks):
             continue
         for rec in run["per_task"]:
             if tier.tasks[rec["index"]] != rec["task"]:
@@ -362,23 +373,23 @@ def restore_single_cells(tier: Tier, root: str | Path, published: str | Path) ->
                 tdir.mkdir(parents=True, exist_ok=True)
                 write_record(tdir, rec)
                 written += 1
-            total += 1
     if written:
-        carry_restored_costs(root, published, written / total)
+        carry_restored_costs(root, published, written / total, protocol)
     return written
 
 
-def carry_restored_costs(root: str | Path, published: str | Path, share: float) -> None:
-    """Add ``share`` of the published `single` stage's seconds (the cost of the cells
-    restored from it) to ``root/costs.json``, so that the stage's cost stays the sum of
-    every session that ran its cells."""
+def carry_restored_costs(root: str | Path, published: str | Path, share: float,
+                         stage: str = "single") -> None:
+    """Add ``share`` of the published ``stage``'s seconds (the cost of the cells restored
+    from it) to ``root/costs.json``, so that the stage's cost stays the sum of every
+    session that ran its cells."""
     published_costs = read_costs(published)
-    seconds = published_costs["seconds"].get("single")
+    seconds = published_costs["seconds"].get(stage)
     if seconds is None:
         return
     costs = read_costs(root)
-    costs["seconds"]["single"] = costs["seconds"].get("single", 0.0) + share * seconds
-    peak = published_costs["peak_rss_mib"].get("single")
+    costs["seconds"][stage] = costs["seconds"].get(stage, 0.0) + share * seconds
+    peak = published_costs["peak_rss_mib"].get(stage)
     if peak is not None:
-        costs["peak_rss_mib"]["single"] = max(costs["peak_rss_mib"].get("single", 0.0), peak)
+        costs["peak_rss_mib"][stage] = max(costs["peak_rss_mib"].get(stage, 0.0), peak)
     write_json_atomic(Path(root) / COSTS_FILE, {"format": COSTS_FORMAT, "version": 1, **costs})

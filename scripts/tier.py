@@ -44,7 +44,7 @@ from agents.tiers import (
     prepare_tier_dir,
     pretrain_tier,
     read_costs,
-    restore_single_cells,
+    restore_cells,
     sequential_experiment,
     single_experiment,
     tier_paths,
@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     p.add_argument("--workers", type=int, default=2, help="collection: tasks in parallel")
     p.add_argument("--restore-from", metavar="DIR",
-                   help="a published run of the same tier: its finished single cells are "
-                        "taken as done (only the missing ones run)")
+                   help="a published run of the same tier: its finished single cells and "
+                        "whole sequential chains are taken as done (only the missing ones "
+                        "run)")
     p.add_argument("--publish", help="copy results, reports, plots, tier.json and "
                                      "costs.json here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -180,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "pretrain":
                 pretrain_tier(tier, out, progress)
             else:
-                if stage == "single" and args.restore_from:
-                    n = restore_single_cells(tier, out, args.restore_from)
-                    logging.info("restored %d finished cells from %s", n, args.restore_from)
+                if args.restore_from:
+                    n = restore_cells(tier, out, args.restore_from, stage)
+                    logging.info("restored %d finished %s task records from %s", n, stage,
+                                 args.restore_from)
                 finetune_stage(tier, out, stage, executor, progress)
     if args.publish:
         for path in publish(tier, out, Path(args.publish)):

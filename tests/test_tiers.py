@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from helpers import comparable, run_script, tiny_config
 
+from agents.protocols import Cell, cell_finished
 from agents.tiers import (
     TIERS,
     Tier,
@@ -18,6 +21,9 @@ from agents.tiers import (
     prepare_tier_dir,
     read_costs,
     read_tier_file,
+    restore_cells,
+    sequential_experiment,
+    tier_paths,
     timed_stage,
     write_tier_file,
 )
@@ -149,11 +155,21 @@ def test_tier_then_reproduce_one_cell(tmp_path):
     (tmp_path / "partial" / "single" / "results.json").write_text(json.dumps(partial))
     (tmp_path / "partial" / "tier.json").write_bytes((pub / "tier.json").read_bytes())
     (tmp_path / "partial" / "costs.json").write_bytes((pub / "costs.json").read_bytes())
+    shutil.copytree(pub / "sequential", tmp_path / "partial" / "sequential")  # whole chains
     again = run_script("tier", ["--tier", str(spec), "--out", str(tmp_path / "again"),
-                                "--stages", "collect,pretrain,single", "--workers", "1",
-                                "--restore-from", str(tmp_path / "partial"), "--no-progress"])
+                                "--stages", "collect,pretrain,single,sequential",
+                                "--workers", "1", "--restore-from", str(tmp_path / "partial"),
+                                "--no-progress"])
     assert again.returncode == 0, again.stderr
-    assert f"restored {len(tiny_tier().methods) * 2 - 1} finished cells" in again.stderr
+    assert (f"restored {len(tiny_tier().methods) * 2 - 1} finished single task records"
+            in again.stderr)
+    assert "restored 2 finished sequential task records" in again.stderr
+    chains = json.loads((tmp_path / "again" / "sequential" / "results.json").read_text())
+    assert [r["success_matrix"] for r in chains["runs"]] == \
+        [r["success_matrix"] for r in json.loads(
+            (pub / "sequential" / "results.json").read_text())["runs"]]
+    assert read_costs(tmp_path / "again")["seconds"]["sequential"] >= \
+        read_costs(pub)["seconds"]["sequential"]  # the chain's cost came with it
     n_cells = len(tiny_tier().methods) * 2
     carried = read_costs(pub)["seconds"]["single"] * (n_cells - 1) / n_cells
     assert read_costs(tmp_path / "again")["seconds"]["single"] > carried  # + its own cell
@@ -188,3 +204,27 @@ def test_reproduce_names_what_the_tier_does_not_have(tmp_path):
     no_results = run_script("reproduce", ["--results", str(pub), "--method", "lora",
                                           "--task", "window-close", "--seed", "0"])
     assert no_results.returncode == 2 and "results.json" in no_results.stderr
+
+
+def test_published_chains_are_restored_whole_or_not_at_all(tmp_path):
+    pub = tmp_path / "pub"
+    (pub / "sequential").mkdir(parents=True)
+    published = Path("docs/results/bench")
+    (pub / "tier.json").write_bytes((published / "tier.json").read_bytes())
+    results = json.loads((published / "sequential" / "results.json").read_text())
+    cut = results["runs"][0]
+    cut["per_task"].pop()
+    (pub / "sequential" / "results.json").write_text(json.dumps(results))
+    bench = get_tier("bench")
+    whole = [r for r in results["runs"] if len(r["per_task"]) == len(bench.tasks)]
+    written = restore_cells(bench, tmp_path / "run", pub, "sequential")
+    assert cut not in whole and whole
+    assert written == len(whole) * len(bench.tasks)
+    exp = sequential_experiment(bench, tmp_path / "run")
+    runs = tier_paths(tmp_path / "run").sequential
+    for run in results["runs"]:
+        finished = cell_finished(runs, exp, Cell(run["method"], run["seed"]))
+        assert finished == (run in whole)
+    assert restore_cells(bench, tmp_path / "run", pub, "sequential") == 0  # kept, not rewritten
+    with pytest.raises(ValueError, match="another tier's"):
+        restore_cells(tiny_tier(), tmp_path / "other", pub, "sequential")
