@@ -328,6 +328,14 @@ def format_cost_split(split: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_experiment(tier: Tier, root: str | Path, protocol: str) -> tuple[Experiment, Path]:
+    """The tier's ``single`` or ``sequential`` experiment and its run directory in ``root``."""
+    if protocol not in ("single", "sequential"):
+        raise ValueError(f"unknown protocol {protocol!r}; valid: single, sequential")
+    make = single_experiment if protocol == "single" else sequential_experiment
+    return make(tier, root), getattr(tier_paths(root), protocol)
+
+
 def restore_cells(tier: Tier, root: str | Path, published: str | Path,
                   protocol: str = "single") -> int:
     """Write the finished cells of a published tier (``published/<protocol>/results.json``)
@@ -341,8 +349,7 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
     from agents.reports import load_results
 
-    if protocol not in ("single", "sequential"):
-        raise ValueError(f"unknown protocol {protocol!r}; valid: single, sequential")
+    exp, run_root = stage_experiment(tier, root, protocol)
     published = Path(published)
     saved = read_tier_file(published / TIER_FILE)
     if saved != tier:
@@ -350,8 +357,6 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
         raise ValueError(f"{published / TIER_FILE} is another tier's (differs in: "
                          f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
     sequential = protocol == "sequential"
-    exp = (sequential_experiment if sequential else single_experiment)(tier, root)
-    run_root = getattr(tier_paths(root), protocol)
     prepare_run_dir(run_root, exp, resume=True)
     source = published / protocol / "results.json"
     if not source.exists():

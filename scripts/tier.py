@@ -45,8 +45,7 @@ from agents.tiers import (
     pretrain_tier,
     read_costs,
     restore_cells,
-    sequential_experiment,
-    single_experiment,
+    stage_experiment,
     tier_paths,
     timed_stage,
 )
@@ -99,11 +98,8 @@ def make_executor(args: argparse.Namespace, tier: Tier) -> Executor:
 def finetune_stage(tier: Tier, out: Path, protocol: str, executor: Executor,
                    progress: bool) -> None:
     """The `single` or `sequential` experiment, continued if it was started."""
-    paths = tier_paths(out)
-    make = single_experiment if protocol == "single" else sequential_experiment
-    exp = make(tier, out)
+    exp, run_dir = stage_experiment(tier, out, protocol)
     exp.config = exp.config.replace(progress=progress)
-    run_dir = paths.single if protocol == "single" else paths.sequential
     torch.set_num_threads(tier.threads)
     run_experiment(exp, run_dir, resume=True, executor=executor, report=True)
 
