@@ -65,6 +65,7 @@ def evaluate(
     wave_size: int = DEFAULT_WAVE_SIZE,
     routing: Any = "oracle",
     stop_on_success: bool = False,
+    slots: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
 
@@ -72,6 +73,9 @@ def evaluate(
     (with the agent's `routing` settings otherwise) or a `RouterConfig`.
     `stop_on_success`: end each episode at its first success (same success rates; returns
     and lengths up to that step).
+    `slots`: the position of each (resolved, unique) task in a larger joint evaluation whose
+    episodes it replays (episode ``k`` of slot ``j`` has env seed ``seed + j * n_episodes +
+    k``); default ``0, 1, ...``, i.e. this call is the joint evaluation.
 
     `tasks` is anything `envs.resolve_tasks` accepts (suite name, names, comma list);
     repeated tasks are evaluated once. The envs come from `pool` (default: this process's
@@ -93,8 +97,11 @@ def evaluate(
     for task in names:
         if router is None:
             agent.target_return(task)  # a clear error for a task the agent has no target for
+    slots = range(len(names)) if slots is None else list(slots)
+    if len(slots) != len(names):
+        raise ValueError(f"{len(slots)} slots for {len(names)} tasks ({', '.join(names)})")
     env_tasks = [task for task in names for _ in range(n_episodes)]
-    seeds = [seed + i for i in range(len(env_tasks))]
+    seeds = [seed + slot * n_episodes + k for slot in slots for k in range(n_episodes)]
     pool = default_pool() if pool is None else pool
     parts = []
     for wave in _waves(len(env_tasks), wave_size):
@@ -105,7 +112,7 @@ def evaluate(
                                       stop_on_success=stop_on_success))
     episodes = _concatenate(parts)
     logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
-                seeds[0], seeds[-1])
+                min(seeds), max(seeds))
     results: dict[str, dict[str, Any]] = {}
     for task in names:
         rows = [i for i, t in enumerate(env_tasks) if t == task]

@@ -526,8 +526,7 @@ def finetune_task(
 
     def evaluate_task(n_episodes: int) -> dict[str, float]:
         # the episodes of this task in a joint evaluation of all tasks (seeds by slot)
-        return evaluate(agent, [task], n_episodes=n_episodes,
-                        seed=eval_seed(seed) + n_episodes * slot,
+        return evaluate(agent, [task], n_episodes=n_episodes, seed=eval_seed(seed), slots=[slot],
                         max_episode_steps=config.max_episode_steps, progress=False,
                         stop_on_success=config.eval_stop_on_success)[task]
 

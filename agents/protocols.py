@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -425,6 +425,15 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
     agent = load_agent(exp, datasets)
     agent.routing = routing
     unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
+    row_eval = functools.partial(
+        evaluate, agent, n_episodes=exp.config.final_episodes, seed=eval_seed(seed),
+        max_episode_steps=exp.config.max_episode_steps, progress=exp.config.train.progress,
+        stop_on_success=exp.config.eval_stop_on_success)
+    # Told the task, an adapter method acts on a task with the frozen base and that task's
+    # own adapter, so a task's row entry changes only when its adapter does: rows evaluate
+    # just those tasks (the same episodes, so the same numbers as a whole row).
+    reuse_rows = routing.router == "oracle" and not method.is_full
+    row_cache: dict[str, dict[str, Any]] = {}
     for i, task in enumerate(exp.tasks):
         tdir = task_dir_of(run, i, task)
         if read_record(tdir) is not None:
@@ -434,17 +443,17 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                                index=i, hook=hook, eval_slot=unique.index(task))
         _save_state(agent, method, task, tdir)
         t0 = time.perf_counter()
-        evaluate_row = functools.partial(
-            evaluate, agent, unique, n_episodes=exp.config.final_episodes,
-            seed=eval_seed(seed), max_episode_steps=exp.config.max_episode_steps,
-            progress=exp.config.train.progress, stop_on_success=exp.config.eval_stop_on_success)
-        row = evaluate_row(routing=routing.router)
+        if reuse_rows:
+            row_cache.pop(task, None)
+            row = cached_row(row_eval, unique, row_cache)
+        else:
+            row = row_eval(unique, routing=routing.router)
         record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
         record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
         record["row_eval_seconds"] = time.perf_counter() - t0
         if routing.router != "oracle":
             t1 = time.perf_counter()
-            oracle = evaluate_row(routing="oracle")
+            oracle = row_eval(unique, routing="oracle")
             summary = routing_summary(row, agent.adapter_names)
             record["oracle_success_row"] = [oracle[t]["success_rate"] for t in exp.tasks]
             record["oracle_row_eval_seconds"] = time.perf_counter() - t1
@@ -453,6 +462,19 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                                  "accuracy_row": [summary["per_task"][t] for t in exp.tasks],
                                  **summary}
         write_record(tdir, record)
+
+
+def cached_row(row_eval: Callable[..., dict[str, dict[str, Any]]], tasks: Sequence[str],
+               cache: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A success-matrix row of ``tasks`` told to the agent, evaluating only those missing
+    from ``cache`` (each at its slot's env seeds, as in the whole row) and keeping them
+    there. ``row_eval(tasks, routing=..., slots=...)`` is `evaluate` with the row's
+    settings."""
+    missing = [t for t in tasks if t not in cache]
+    if missing:
+        cache.update(row_eval(missing, routing="oracle",
+                              slots=[tasks.index(t) for t in missing]))
+    return {t: cache[t] for t in tasks}
 
 
 def _add_signature(agent: DTAgent, task: str, tdir: Path) -> None:

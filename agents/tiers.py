@@ -3,8 +3,8 @@ protocols) under one name, sized for a machine, so that one command runs it, res
 and any of its cells can be rerun from nothing (`scripts/reproduce.py`).
 
     tier = get_tier("bench")
-    collect_stage(tier, "runs/bench")
-    pretrain_stage(tier, "runs/bench")
+    collect_tier_data(tier, "runs/bench")
+    pretrain_tier(tier, "runs/bench")
     run_experiment(single_experiment(tier, "runs/bench"), tier_paths("runs/bench").single)
 
 Directory of a tier run::
@@ -13,6 +13,7 @@ Directory of a tier run::
     ROOT/costs.json       wall-clock seconds per stage, summed over the sessions that ran it
     ROOT/data/<task>/     expert datasets (pretraining tasks, then the fine-tuning tasks)
     ROOT/pretrained/      the pretraining run
+    ROOT/machine.json     the CPU and libraries that pretrained it (see `machine`)
     ROOT/single/          the `single` experiment (all methods x tasks x seeds)
     ROOT/sequential/      the `sequential` experiment
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +43,7 @@ TIER_FORMAT = "eva-rl-tier"
 COSTS_FILE = "costs.json"
 COSTS_FORMAT = "eva-rl-tier-costs"
 FINGERPRINTS_FILE = "fingerprints.json"
+MACHINE_FILE = "machine.json"
 STAGES = ("collect", "pretrain", "single", "sequential")
 
 
@@ -181,7 +185,7 @@ def collect_tier_data(tier: Tier, root: str | Path, tasks: Sequence[str] | None 
 
 def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
     """The tier's base model in ``root`` (continued if interrupted), on ``tier.threads``
-    torch threads."""
+    torch threads; the machine that finishes it is recorded in ``root/machine.json``."""
     import torch
 
     from eva_rl.training import pretrain
@@ -191,6 +195,30 @@ def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
     train = dataclasses.replace(tier.pretrain.train, progress=progress)
     pretrain(paths.data, tier.pretrain_tasks, paths.pretrained,
              dataclasses.replace(tier.pretrain, train=train), resume=True)
+    if not (Path(root) / MACHINE_FILE).exists():
+        write_json_atomic(Path(root) / MACHINE_FILE, machine())
+
+
+def machine() -> dict[str, str]:
+    """This machine's CPU, its instruction set as torch uses it, and the library versions:
+    the pretrained weights are bit-identical only where these agree (float rounding
+    differs between instruction sets and library builds)."""
+    import numpy
+    import torch
+
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what `platform` knows)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def single_experiment(tier: Tier, root: str | Path) -> Experiment:
@@ -272,13 +300,50 @@ def timed_stage(root: str | Path, stage: str,
 
 def fingerprints(root: str | Path, tasks: Sequence[str]) -> dict[str, Any]:
     """SHA-256 of each task's dataset arrays and of the pretrained weights in tier run
-    ``root`` (what `scripts/reproduce.py` compares to find where a rerun diverged)."""
+    ``root`` (what `scripts/reproduce.py` compares to find where a rerun diverged), and the
+    machine that pretrained them (``root/machine.json``; None where not recorded)."""
     paths = tier_paths(root)
     data = {}
     for task in tasks:
         arrays = sorted((paths.data / task).glob("*.npy"))
         data[task] = hashlib.sha256("".join(sha256_file(a) for a in arrays).encode()).hexdigest()
-    return {"data": data, "pretrained": sha256_file(paths.pretrained / WEIGHTS_FILE)}
+    return {"data": data, "pretrained": sha256_file(paths.pretrained / WEIGHTS_FILE),
+            "machine": pretrained_on(root)}
+
+
+def pretrained_on(root: str | Path) -> dict[str, str] | None:
+    """The machine recorded in ``root/machine.json`` (None for runs made before it was)."""
+    path = Path(root) / MACHINE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def describe_machine(info: dict[str, str] | None) -> str:
+    """One line for a `machine` record."""
+    if not info:
+        return "a machine that was not recorded"
+    return (f"{info.get('cpu', '?')} ({info.get('cpu_capability', '?')}; torch "
+            f"{info.get('torch', '?')}, numpy {info.get('numpy', '?')})")
+
+
+def check_same_base(root: str | Path, published: str | Path) -> None:
+    """Refuse to continue a published tier in ``root`` when the base model pretrained there
+    is not the one its cells were made with (its SHA-256 in ``fingerprints.json``): the
+    comparison would mix two base models. Checked once ``root`` has its pretrained model."""
+    path = Path(published) / FINGERPRINTS_FILE
+    weights = tier_paths(root).pretrained / WEIGHTS_FILE
+    if not path.exists() or not weights.exists():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved["pretrained"] == sha256_file(weights):
+        return
+    raise ValueError(
+        f"{weights} is not the base model of {published} (SHA-256 differs from its "
+        f"{FINGERPRINTS_FILE}): adding cells made on it would mix two base models in one "
+        f"comparison. It was pretrained on {describe_machine(pretrained_on(root))}, the "
+        f"published one on {describe_machine(saved.get('machine'))}; the data and "
+        "pretraining are deterministic, but float rounding differs between CPU kinds. Run "
+        "the missing cells where the published base model is remade bit for bit, or run the "
+        "whole tier on one kind of machine")
 
 
 def cost_split(costs: dict[str, dict[str, float]], results: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +410,8 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     cannot continue without its weights). The published tier must equal ``tier``; cells
     already in ``root`` are kept. Returns the number of task records written; their share
     of the published stage's seconds joins ``root/costs.json``. Restored cells have a
-    record only (no adapter or signature: routing and PEFT export need the cell rerun)."""
+    record only (no adapter or signature: routing and PEFT export need the cell rerun).
+    Refused when ``root``'s pretrained model is not the published one (`check_same_base`)."""
     from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
     from agents.reports import load_results
 
@@ -356,6 +422,7 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
         changed = sorted(k for k, v in saved.to_dict().items() if tier.to_dict()[k] != v)
         raise ValueError(f"{published / TIER_FILE} is another tier's (differs in: "
                          f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
+    check_same_base(root, published)
     sequential = protocol == "sequential"
     prepare_run_dir(run_root, exp, resume=True)
     source = published / protocol / "results.json"

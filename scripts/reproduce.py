@@ -36,6 +36,7 @@ from agents.tiers import (
     FINGERPRINTS_FILE,
     TIER_FILE,
     collect_tier_data,
+    describe_machine,
     fingerprints,
     pretrain_tier,
     read_tier_file,
@@ -98,7 +99,10 @@ def fingerprint_notes(results_dir: Path, work: Path, tasks: list[str]) -> list[s
     notes = [f"dataset {t}: differs from the published one" for t in tasks
              if saved["data"].get(t) != now["data"].get(t)]
     if saved["pretrained"] != now["pretrained"]:
-        notes.append("pretrained model: its weights differ from the published run's")
+        notes.append("pretrained model: its weights differ from the published run's (made on "
+                     f"{describe_machine(saved.get('machine'))}; this one on "
+                     f"{describe_machine(now['machine'])}: float rounding differs between "
+                     "CPU kinds, so the cell's numbers may too)")
     return notes
 
 

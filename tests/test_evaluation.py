@@ -302,3 +302,15 @@ def test_waves_are_even_and_cover_every_env():
     assert [list(w) for w in _waves(3, 10)] == [[0, 1, 2]]
     with pytest.raises(ValueError, match="wave_size must be >= 1"):
         evaluate(tiny_agent(), ["hammer"], n_episodes=1, wave_size=0, progress=False)
+
+
+def test_a_task_at_its_slot_replays_its_episodes_of_the_joint_evaluation():
+    agent = tiny_agent()
+    kwargs = dict(n_episodes=2, seed=5, max_episode_steps=STEPS, progress=False)
+    joint = evaluate(agent, TASKS, **kwargs)
+    alone = evaluate(agent, [TASKS[1]], slots=[1], **kwargs)[TASKS[1]]
+    assert alone["seeds"] == joint[TASKS[1]]["seeds"] == [7, 8]
+    assert alone["successes"] == joint[TASKS[1]]["successes"]
+    assert alone["returns"] == joint[TASKS[1]]["returns"]
+    with pytest.raises(ValueError, match="1 slots for 2 tasks"):
+        evaluate(agent, TASKS, slots=[0], **kwargs)

@@ -209,3 +209,32 @@ def test_final_evaluation_with_more_episodes_ends_the_curve(setup, tmp_path):
     assert first["final_episodes"] == 3 and len(run["success_matrix"][0]) == 2
     with pytest.raises(ValueError, match="final_eval_episodes must be >= 1"):
         tiny_config(final_eval_episodes=0)
+
+
+def test_sequential_rows_reevaluate_only_the_task_whose_adapter_changed(setup, tmp_path,
+                                                                        monkeypatch):
+    import agents.protocols as protocols
+    from agents.finetune import eval_seed
+    from eva_rl.adapters import load_adapter
+
+    calls = []
+    evaluate = protocols.evaluate
+
+    def counted(agent, tasks, **kw):
+        calls.append((list(tasks), kw.get("slots")))
+        return evaluate(agent, tasks, **kw)
+
+    monkeypatch.setattr(protocols, "evaluate", counted)
+    exp = experiment(setup, methods=("lora",), eval_episodes=3, max_episode_steps=40)
+    run = run_experiment(exp, tmp_path / "run", report=False)["runs"][0]
+    assert calls == [(list(TASKS), [0, 1]), ([TASKS[1]], [1])]  # row 1 keeps task 0's entry
+
+    # each row equals a whole joint evaluation of the adapters trained by then
+    agent = protocols.load_agent(exp, protocols.check_inputs(exp))
+    runs = tmp_path / "run/runs/lora/seed_0"
+    for i, rec in enumerate(run["per_task"]):
+        load_adapter(agent.model, runs / f"{i:02d}_{TASKS[i]}" / "adapter", name=TASKS[i])
+        row = evaluate(agent, TASKS, n_episodes=3, seed=eval_seed(0), max_episode_steps=40,
+                       progress=False, stop_on_success=exp.config.eval_stop_on_success)
+        assert rec["success_row"] == [row[t]["success_rate"] for t in TASKS]
+        assert rec["return_row"] == [row[t]["mean_return"] for t in TASKS]

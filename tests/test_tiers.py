@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from agents.tiers import (
     TIERS,
     Tier,
     carry_restored_costs,
+    check_same_base,
     cost_split,
     format_cost_split,
     get_tier,
@@ -228,3 +230,23 @@ def test_published_chains_are_restored_whole_or_not_at_all(tmp_path):
     assert restore_cells(bench, tmp_path / "run", pub, "sequential") == 0  # kept, not rewritten
     with pytest.raises(ValueError, match="another tier's"):
         restore_cells(tiny_tier(), tmp_path / "other", pub, "sequential")
+
+
+def test_a_published_tier_is_not_continued_on_another_base_model(tmp_path):
+    pub, root = tmp_path / "pub", tmp_path / "run"
+    pub.mkdir()
+    write_tier_file(tiny_tier(), pub / "tier.json")
+    (root / "pretrained").mkdir(parents=True)
+    (root / "pretrained" / "model.safetensors").write_bytes(b"weights made here")
+    (root / "machine.json").write_text(json.dumps({"cpu": "CPU B", "cpu_capability": "AVX512"}))
+    check_same_base(root, pub)  # nothing published to compare with: allowed
+    (pub / "fingerprints.json").write_text(json.dumps({
+        "data": {}, "pretrained": "0" * 64,
+        "machine": {"cpu": "CPU A", "cpu_capability": "AVX2", "torch": "2.13.0"}}))
+    with pytest.raises(ValueError, match=r"is not the base model of .*CPU B \(AVX512.*"
+                                         r"published one on CPU A \(AVX2; torch 2.13.0"):
+        restore_cells(tiny_tier(), root, pub)
+    assert not (root / "single").exists()  # nothing restored
+    same = hashlib.sha256(b"weights made here").hexdigest()
+    (pub / "fingerprints.json").write_text(json.dumps({"data": {}, "pretrained": same}))
+    assert restore_cells(tiny_tier(), root, pub) == 0  # the same base: restoring goes on
