@@ -200,15 +200,16 @@ def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
 
 
 def machine() -> dict[str, str]:
-    """This machine's CPU, its instruction set as torch uses it, and the library versions:
+    """This machine's CPU, its instruction set as torch uses it, and the versions of Python
+    and of the packages that shape data and weights (`agents.experts.package_versions`):
     the pretrained weights are bit-identical only where these agree (float rounding
     differs between instruction sets and library builds)."""
-    import numpy
     import torch
 
+    from agents.experts import package_versions
+
     return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **package_versions("torch")}
 
 
 def cpu_model() -> str:
@@ -311,6 +312,12 @@ def fingerprints(root: str | Path, tasks: Sequence[str]) -> dict[str, Any]:
             "machine": pretrained_on(root)}
 
 
+def read_fingerprints(published: str | Path) -> dict[str, Any] | None:
+    """A published tier's ``fingerprints.json`` (None where it has none)."""
+    path = Path(published) / FINGERPRINTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def pretrained_on(root: str | Path) -> dict[str, str] | None:
     """The machine recorded in ``root/machine.json`` (None for runs made before it was)."""
     path = Path(root) / MACHINE_FILE
@@ -329,12 +336,9 @@ def check_same_base(root: str | Path, published: str | Path) -> None:
     """Refuse to continue a published tier in ``root`` when the base model pretrained there
     is not the one its cells were made with (its SHA-256 in ``fingerprints.json``): the
     comparison would mix two base models. Checked once ``root`` has its pretrained model."""
-    path = Path(published) / FINGERPRINTS_FILE
+    saved = read_fingerprints(published)
     weights = tier_paths(root).pretrained / WEIGHTS_FILE
-    if not path.exists() or not weights.exists():
-        return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved["pretrained"] == sha256_file(weights):
+    if saved is None or not weights.exists() or saved["pretrained"] == sha256_file(weights):
         return
     raise ValueError(
         f"{weights} is not the base model of {published} (SHA-256 differs from its "

@@ -39,6 +39,7 @@ from agents.tiers import (
     describe_machine,
     fingerprints,
     pretrain_tier,
+    read_fingerprints,
     read_tier_file,
     single_experiment,
 )
@@ -91,10 +92,10 @@ def differences(published: dict[str, Any], rerun: dict[str, Any]) -> list[str]:
 
 def fingerprint_notes(results_dir: Path, work: Path, tasks: list[str]) -> list[str]:
     """Where the remade datasets / pretrained model differ from the published fingerprints."""
-    path = results_dir / FINGERPRINTS_FILE
-    if not path.exists():
-        return [f"{path} is missing: datasets and pretrained model not compared"]
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_fingerprints(results_dir)
+    if saved is None:
+        return [f"{results_dir / FINGERPRINTS_FILE} is missing: datasets and pretrained model "
+                "not compared"]
     now = fingerprints(work, tasks)
     notes = [f"dataset {t}: differs from the published one" for t in tasks
              if saved["data"].get(t) != now["data"].get(t)]
