@@ -36,26 +36,16 @@ from eva_rl.adapters import (
     AdaLoraSchedule,
     AdaLoraStep,
     adapter_names,
-    add_adapter,
     count_parameters,
     prepare_full_finetuning,
     set_active_adapter,
 )
 from eva_rl.data import TrajectoryDataset, WindowSampler
-from eva_rl.eva import (
-    EvaConfig,
-    EvaResult,
-    apply_eva,
-    compute_eva,
-    dt_forward_and_mask,
-    log_eva,
-)
-from eva_rl.killpoints import kill_point
+from eva_rl.eva import EvaConfig, EvaResult
 from eva_rl.metrics import success_auc
 from eva_rl.routing import SignatureError, TaskSignature
 from eva_rl.schema import check_known_fields
 from eva_rl.state import preserve_model_state
-from eva_rl.tensorboard import RunLogger
 from eva_rl.training import (
     Callback,
     StepHook,
@@ -64,7 +54,6 @@ from eva_rl.training import (
     default_target_return,
     list_checkpoints,
 )
-from eva_rl.training.trainer import TB_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -382,47 +371,13 @@ class AdaLoraBudget(Callback):
         self.allocator.load_state_dict(state)
 
 
-def eva_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneConfig,
-                seed: int, device: torch.device):
-    """EVA's input: sampler batches of the task's own data as tensors on ``device``."""
-    cfg = agent.config
-    sampler = WindowSampler([dataset], context_len=cfg.context_len,
-                            reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
-                            state_std=agent.state_std, seed=seed + 7919)
-    for _ in range(config.eva_max_batches):
-        batch = sampler.sample(config.eva_batch_size)
-        yield {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-
-
-def init_eva(agent: DTAgent, dataset: TrajectoryDataset, method: Method,
-             config: FinetuneConfig, seed: int, eva_dir: Path) -> tuple[EvaResult, bool]:
-    """Compute EVA on the frozen model, or reuse the result saved in ``eva_dir``.
-
-    Returns the result and whether it was computed now (False: loaded)."""
-    if (eva_dir / "eva.json").is_file():
-        return EvaResult.load(eva_dir), False
-    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, method.min_rho), tau=config.tau,
-                           max_batches=config.eva_max_batches, alpha=config.alpha,
-                           reverse=method.reverse, seed=seed)
-    forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
-    t0 = time.perf_counter()
-    result = compute_eva(agent.model, eva_batches(dataset, agent, config, seed, agent.device),
-                         eva_config, forward=forward, mask_fn=mask_fn)
-    result.extra["wall_seconds"] = time.perf_counter() - t0  # batches + SVD
-    result.save(eva_dir, overwrite=True)
-    kill_point("finetune.eva_saved")
-    log_dir = eva_dir.parent / "train" / TB_DIR
-    with RunLogger(log_dir) as log:  # next to the Trainer's events of the same task
-        log_eva(log.writer, result, step=0)
-    return result, True
-
-
 def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method: Method,
                   config: FinetuneConfig, seed: int, task_dir: Path
                   ) -> tuple[int, float, dict[str, int] | None, EvaResult | None]:
-    """Make the model ready to train ``task``: (trainable params, EVA seconds, EVA ranks,
-    EVA result). Adapter methods get an adapter named after the task (reused if the task
-    already has one, e.g. its second visit in CW20); ``fft`` unfreezes everything."""
+    """Make the model ready to train ``task``: (trainable params, init seconds, ranks per
+    layer, EVA result). Adapter methods get an adapter named after the task, added by the
+    method's initializer (reused if the task already has one, e.g. its second visit in
+    CW20); ``fft`` unfreezes everything."""
     model = agent.model
     if method.is_full:
         return prepare_full_finetuning(model), 0.0, None, None
@@ -432,13 +387,9 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
     adapter_config = method.adapter_config(config.adapter_rank(method), config.alpha,
                                            dropout=config.dropout)
     torch.manual_seed(seed)  # LoRA's random A
-    if not method.eva:
-        add_adapter(model, task, adapter_config)
-        return count_parameters(model, task), 0.0, None, None
-    result, _ = init_eva(agent, dataset, method, config, seed, task_dir / "eva")
-    apply_eva(model, task, result, adapter_config)
-    seconds = float(result.extra.get("wall_seconds", result.seconds))
-    return count_parameters(model, task), seconds, dict(result.ranks), result
+    outcome = method.initializer.attach(agent, task, dataset, adapter_config, config, seed,
+                                        task_dir)
+    return count_parameters(model, task), outcome.seconds, outcome.ranks, outcome.eva
 
 
 def ensure_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, method: Method,

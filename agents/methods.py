@@ -1,41 +1,51 @@
-"""The fine-tuning methods of the CW10 experiment, as a registry of small dataclasses.
+"""The fine-tuning methods of the CW10 experiment: one registry, the only place method names
+are listed.
 
-Every method goes through the shared adapter module (`eva_rl.adapters`); EVA methods
-additionally initialise the adapter's ``A`` from the task's activations (`eva_rl.eva`).
+A method is an adapter variant (`eva_rl.adapters`; None = full fine-tuning) plus an
+`agents.initializers.Initializer` that adds and initialises each task's adapter (the
+variant's own init, or a data-driven one such as EVA). A new method is one `register_method`
+call; nothing else needs to know its name.
 
-    method = get_method("eva_dora")   # adapter="dora", eva=True
+    method = get_method("eva_dora")   # adapter="dora", initializer=EvaInit()
     methods = parse_methods("lora,eva")
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from agents.initializers import AdapterInit, EvaInit, Initializer
 from eva_rl.adapters import AdapterConfig
 
 
 @dataclass(frozen=True)
 class Method:
-    """One fine-tuning method: which adapter kind, and whether EVA initialises it."""
+    """One fine-tuning method: which adapter kind, and how a task's adapter is initialised."""
 
     name: str
     """Name on the command line and in reports."""
     adapter: str | None
     """Adapter kind for `add_adapter` (`lora`, `dora`, `pissa`, `olora`, `adalora`);
     None = full FT."""
-    eva: bool = False
-    """Initialise ``A`` with EVA on the task's data (rank allocation per ``rho``)."""
-    reverse: bool = False
-    """EVA ablation: keep the *lowest*-variance components instead of the highest."""
-    min_rho: float = 1.0
-    """Smallest rho the method runs with (reverse needs spare components to choose from)."""
+    initializer: Initializer = field(default_factory=AdapterInit)
+    """How a task's new adapter is added and initialised (`agents.initializers`)."""
     description: str = ""
 
     @property
     def is_full(self) -> bool:
         """True for full fine-tuning (no adapter: every weight trains)."""
         return self.adapter is None
+
+    @property
+    def eva(self) -> bool:
+        """True where EVA initialises the adapter (its result is saved in the task's ``eva/``)."""
+        return isinstance(self.initializer, EvaInit)
+
+    @property
+    def min_rho(self) -> float:
+        """Smallest EVA rho the method runs with (its initializer's)."""
+        return self.initializer.min_rho
 
     def adapter_config(self, rank: int, alpha: float, **kwargs) -> AdapterConfig:
         """The `AdapterConfig` of one task's adapter (not used for `fft`)."""
@@ -44,25 +54,38 @@ class Method:
         return AdapterConfig(method=self.adapter, rank=rank, alpha=alpha, **kwargs)
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("fft", None, description="full fine-tuning of every weight"),
-        Method("lora", "lora", description="LoRA, random A (Kaiming), B = 0"),
-        Method("dora", "dora", description="DoRA: magnitude vector x normalised LoRA direction"),
-        Method("pissa", "pissa", description="PiSSA: A, B from the top SVD of W; residual base"),
-        Method("olora", "olora", description="OLoRA: A, B from a QR decomposition of W"),
-        Method("adalora", "adalora", description="AdaLoRA: SVD-form P diag(E) Q whose "
-               "singular values are masked to a shrinking rank budget by importance"),
-        Method("eva", "lora", eva=True, description="EVA: A = top right-singular vectors of "
-               "the task's activations, B = 0"),
-        Method("eva_dora", "dora", eva=True, description="EVA-initialised DoRA"),
-        # with rho = 1 EVA computes exactly r components per layer and "the lowest r" would
-        # be the same set as "the top r"; rho >= 2 makes it pick the lower half
-        Method("eva_reverse", "lora", eva=True, reverse=True, min_rho=2.0,
-               description="ablation: EVA with the lowest-variance computed components"),
-    )
-}
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to `METHODS` (a name already there is an error)."""
+    key = method.name.strip().lower()
+    if key != method.name or not key or "," in key:
+        raise ValueError(f"method name {method.name!r} must be lower case, without commas "
+                         "or surrounding spaces")
+    if key in METHODS:
+        raise ValueError(f"method {key!r} is already registered")
+    METHODS[key] = method
+    return method
+
+
+for _method in (
+    Method("fft", None, description="full fine-tuning of every weight"),
+    Method("lora", "lora", description="LoRA, random A (Kaiming), B = 0"),
+    Method("dora", "dora", description="DoRA: magnitude vector x normalised LoRA direction"),
+    Method("pissa", "pissa", description="PiSSA: A, B from the top SVD of W; residual base"),
+    Method("olora", "olora", description="OLoRA: A, B from a QR decomposition of W"),
+    Method("adalora", "adalora", description="AdaLoRA: SVD-form P diag(E) Q whose singular "
+           "values are masked to a shrinking rank budget by importance"),
+    Method("eva", "lora", EvaInit(), description="EVA: A = top right-singular vectors of the "
+           "task's activations, B = 0"),
+    Method("eva_dora", "dora", EvaInit(), description="EVA-initialised DoRA"),
+    # with rho = 1 EVA computes exactly r components per layer and "the lowest r" would be
+    # the same set as "the top r"; rho >= 2 makes it pick the lower half
+    Method("eva_reverse", "lora", EvaInit(name="eva_reverse", reverse=True, min_rho=2.0),
+           description="ablation: EVA with the lowest-variance computed components"),
+):
+    register_method(_method)
 
 
 def get_method(name: str) -> Method:

@@ -136,7 +136,8 @@ def test_method_registry():
 def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     """Each method's initialisation leaves the model's predictions unchanged (B = 0, or the
     PiSSA/OLoRA offset), trains only what it should, and EVA-reverse picks other components."""
-    from agents.finetune import attach_method, init_eva
+    from agents.finetune import attach_method
+    from agents.initializers import compute_or_load_eva
     from agents.methods import METHODS
     from agents.protocols import check_inputs, load_agent
     from eva_rl.data import WindowSampler
@@ -159,9 +160,11 @@ def test_every_method_starts_from_the_pretrained_function(setup, tmp_path):
     assert counts["lora"] == counts["eva"] == counts["pissa"] == counts["olora"]
     assert counts["dora"] == counts["eva_dora"] > counts["lora"]
     assert counts["fft"] > 10 * counts["lora"]
-    top, _ = init_eva(load_agent(exp, datasets), ds, METHODS["eva"], cfg, 0, tmp_path / "eva")
-    low, _ = init_eva(load_agent(exp, datasets), ds, METHODS["eva_reverse"], cfg, 0,
-                      tmp_path / "eva_reverse")
+    top, _ = compute_or_load_eva(load_agent(exp, datasets), ds, METHODS["eva"].initializer, cfg,
+                                 0, tmp_path / "eva")
+    low, _ = compute_or_load_eva(load_agent(exp, datasets), ds,
+                                 METHODS["eva_reverse"].initializer, cfg, 0,
+                                 tmp_path / "eva_reverse")
     assert low.config.rho == 2.0 and sum(low.ranks.values()) == sum(top.ranks.values())
 
     def captured(res, reverse):  # explained variance the kept components carry

@@ -1,0 +1,130 @@
+"""How a method initialises a task's new adapter: the `Initializer` protocol and its two
+implementations, the adapter variant's own initialisation and EVA's.
+
+An initializer computes on the frozen model with the task's own windows, then applies
+the result to a new adapter named after the task, the way PEFT's ``init_lora_weights``
+and its per-init sub-configs do. A data-driven one saves what it computed in the task's
+directory, so a resumed task reuses it instead of computing again.
+
+    outcome = EVA.attach(agent, "hammer-v3", dataset, adapter_config, config, seed, task_dir)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from eva_rl.adapters import AdapterConfig, add_adapter
+from eva_rl.data import TrajectoryDataset, WindowSampler
+from eva_rl.eva import EvaConfig, EvaResult, apply_eva, compute_eva, dt_forward_and_mask, log_eva
+from eva_rl.killpoints import kill_point
+from eva_rl.tensorboard import RunLogger
+from eva_rl.training.trainer import TB_DIR
+
+if TYPE_CHECKING:
+    from agents.dt_agent import DTAgent
+    from agents.finetune import FinetuneConfig
+
+
+@dataclass(frozen=True)
+class InitOutcome:
+    """What initialising one adapter cost and found."""
+
+    seconds: float = 0.0
+    """Wall time of the data-driven computation (0 for none; its first run's when reused)."""
+    ranks: dict[str, int] | None = None
+    """Rank per layer where the initializer allocates them (EVA), else None."""
+    eva: EvaResult | None = None
+    """EVA's result, which routing signatures reuse at no cost (None for other inits)."""
+
+
+class Initializer(Protocol):
+    """Adds a task's adapter to ``agent.model``, initialised from the frozen model and the
+    task's data where the method says so."""
+
+    name: str
+    """Its name in records and docs."""
+    min_rho: float
+    """Smallest EVA rho the method runs with (routing signatures use it too)."""
+
+    def attach(self, agent: DTAgent, task: str, dataset: TrajectoryDataset,
+               adapter_config: AdapterConfig, config: FinetuneConfig, seed: int,
+               task_dir: Path) -> InitOutcome:
+        """Add the adapter named ``task`` to ``agent.model``, ready to train."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdapterInit:
+    """The adapter variant's own initialisation (LoRA's Kaiming ``A``, PiSSA's SVD of W, ...):
+    nothing is computed from data."""
+
+    name: str = "adapter"
+    min_rho: float = 1.0
+
+    def attach(self, agent: DTAgent, task: str, dataset: TrajectoryDataset,
+               adapter_config: AdapterConfig, config: FinetuneConfig, seed: int,
+               task_dir: Path) -> InitOutcome:
+        add_adapter(agent.model, task, adapter_config)
+        return InitOutcome()
+
+
+@dataclass(frozen=True)
+class EvaInit:
+    """EVA: ``A`` = the top (or, for the ablation, the lowest) right-singular vectors of the
+    task's activations at each adapted layer, ranks redistributed per ``rho``; ``B`` = 0."""
+
+    name: str = "eva"
+    reverse: bool = False
+    """Keep the lowest-variance computed components instead of the highest."""
+    min_rho: float = 1.0
+    """Smallest rho it runs with (``reverse`` needs spare components to choose from)."""
+
+    def attach(self, agent: DTAgent, task: str, dataset: TrajectoryDataset,
+               adapter_config: AdapterConfig, config: FinetuneConfig, seed: int,
+               task_dir: Path) -> InitOutcome:
+        result, _ = compute_or_load_eva(agent, dataset, self, config, seed, task_dir / "eva")
+        apply_eva(agent.model, task, result, adapter_config)
+        seconds = float(result.extra.get("wall_seconds", result.seconds))
+        return InitOutcome(seconds=seconds, ranks=dict(result.ranks), eva=result)
+
+
+def task_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneConfig,
+                 seed: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """A data-driven init's input: sampler batches of the task's own data on ``device``."""
+    cfg = agent.config
+    sampler = WindowSampler([dataset], context_len=cfg.context_len,
+                            reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
+                            state_std=agent.state_std, seed=seed + 7919)
+    for _ in range(config.eva_max_batches):
+        batch = sampler.sample(config.eva_batch_size)
+        yield {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+
+
+def compute_or_load_eva(agent: DTAgent, dataset: TrajectoryDataset, init: EvaInit,
+                        config: FinetuneConfig, seed: int,
+                        eva_dir: Path) -> tuple[EvaResult, bool]:
+    """Compute EVA on the frozen model, or reuse the result saved in ``eva_dir``.
+
+    Returns the result and whether it was computed now (False: loaded)."""
+    if (eva_dir / "eva.json").is_file():
+        return EvaResult.load(eva_dir), False
+    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, init.min_rho), tau=config.tau,
+                           max_batches=config.eva_max_batches, alpha=config.alpha,
+                           reverse=init.reverse, seed=seed)
+    forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
+    t0 = time.perf_counter()
+    result = compute_eva(agent.model, task_batches(dataset, agent, config, seed, agent.device),
+                         eva_config, forward=forward, mask_fn=mask_fn)
+    result.extra["wall_seconds"] = time.perf_counter() - t0  # batches + SVD
+    result.save(eva_dir, overwrite=True)
+    kill_point("finetune.eva_saved")
+    log_dir = eva_dir.parent / "train" / TB_DIR
+    with RunLogger(log_dir) as log:  # next to the Trainer's events of the same task
+        log_eva(log.writer, result, step=0)
+    return result, True
