@@ -61,6 +61,10 @@ TaskHook = Callable[[str, int], None]
 """``hook(task, step)``: called before every training update (``step`` updates done)."""
 
 
+EVA_CENTERS = ("mean", "token_type")
+EVA_ROW_NORMS = ("unit", "lora")
+
+
 def _finetune_train_config() -> TrainConfig:
     """The optimisation defaults of fine-tuning (TrainConfig's own are pretraining's)."""
     return TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, checkpoint_every=100,
@@ -111,6 +115,18 @@ class FinetuneConfig:
     """Cap on EVA forward passes."""
     eva_token_types: tuple[str, ...] | None = None
     """Token types whose activations enter EVA (None = every real token)."""
+    eva_center: str = "mean"
+    """What EVA removes from the activations before the SVD: ``mean`` (their mean: the
+    paper's incremental PCA) or ``token_type`` (each token type's own mean, so that the
+    components describe variation within state, return, action and reward tokens rather
+    than which kind of token a row is)."""
+    eva_row_norm: str = "unit"
+    """Norm of EVA's A rows: ``unit`` (the principal directions, as the paper) or ``lora``
+    (rescaled to LoRA's Kaiming row norm 1/sqrt(3): the ablation that separates EVA's
+    directions from the size of its first steps)."""
+    eva_whiten: bool = False
+    """Divide each of EVA's A rows by the square root of its singular value (PEFT's
+    ``whiten``)."""
     adalora_init_rank: int | None = None
     """AdaLoRA's initial rank per layer, pruned to ``rank`` on average (None = 1.5 x rank,
     the ratio of PEFT's example: 12 -> 8)."""
@@ -137,6 +153,12 @@ class FinetuneConfig:
             self.train = TrainConfig.from_dict(self.train)
         if self.eva_token_types is not None:
             self.eva_token_types = tuple(self.eva_token_types)
+        if self.eva_center not in EVA_CENTERS:
+            raise ValueError(f"eva_center must be one of {', '.join(EVA_CENTERS)}, "
+                             f"got {self.eva_center!r}")
+        if self.eva_row_norm not in EVA_ROW_NORMS:
+            raise ValueError(f"eva_row_norm must be one of {', '.join(EVA_ROW_NORMS)}, "
+                             f"got {self.eva_row_norm!r}")
         for name in ("rank", "eval_episodes", "max_episode_steps", "eva_batch_size",
                      "eva_max_batches"):
             if int(getattr(self, name)) < 1:
@@ -231,7 +253,8 @@ class FinetuneConfig:
 
 _LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False,
                  "final_eval_episodes": None, "eval_stop_on_success": False,
-                 "signature_rank": None}
+                 "signature_rank": None, "eva_center": "mean", "eva_row_norm": "unit",
+                 "eva_whiten": False}
 """Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
@@ -384,6 +407,7 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
     if task in adapter_names(model):
         set_active_adapter(model, task)
         return count_parameters(model, task), 0.0, None, None
+    config = method.configure(config)
     adapter_config = method.adapter_config(config.adapter_rank(method), config.alpha,
                                            dropout=config.dropout)
     torch.manual_seed(seed)  # LoRA's random A
@@ -465,6 +489,7 @@ def finetune_task(
     """
     task_dir = Path(task_dir)
     t_start = time.perf_counter()
+    config = method.configure(config)
     s = finetune_seed(seed, index)
     target = default_target_return(dataset)
     agent.set_task(task, target_return=agent.target_returns.get(task, target))

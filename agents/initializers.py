@@ -11,6 +11,7 @@ directory, so a resumed task reuses it instead of computing again.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ import torch
 
 from eva_rl.adapters import AdapterConfig, add_adapter
 from eva_rl.data import TrajectoryDataset, WindowSampler
-from eva_rl.eva import EvaConfig, EvaResult, apply_eva, compute_eva, dt_forward_and_mask, log_eva
+from eva_rl.eva import (
+    EvaConfig,
+    EvaResult,
+    apply_eva,
+    compute_eva,
+    dt_forward_and_mask,
+    dt_token_groups,
+    log_eva,
+)
 from eva_rl.killpoints import kill_point
 from eva_rl.tensorboard import RunLogger
 from eva_rl.training.trainer import TB_DIR
@@ -94,6 +103,24 @@ class EvaInit:
         return InitOutcome(seconds=seconds, ranks=dict(result.ranks), eva=result)
 
 
+LORA_ROW_NORM = 1 / math.sqrt(3)
+"""Expected norm of a LoRA A row: Kaiming-uniform(a=sqrt(5)) draws U(+-1/sqrt(fan_in)) per
+entry, so the squared norm is fan_in / (3 fan_in), whatever the layer's width."""
+
+
+@dataclass(frozen=True)
+class TaskBatches:
+    """The task's batches, re-iterable: every `iter` samples the same sequence again."""
+
+    dataset: TrajectoryDataset
+    agent: DTAgent
+    config: FinetuneConfig
+    seed: int
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return task_batches(self.dataset, self.agent, self.config, self.seed, self.agent.device)
+
+
 def task_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneConfig,
                  seed: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """A data-driven init's input: sampler batches of the task's own data on ``device``."""
@@ -116,11 +143,18 @@ def compute_or_load_eva(agent: DTAgent, dataset: TrajectoryDataset, init: EvaIni
         return EvaResult.load(eva_dir), False
     eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, init.min_rho), tau=config.tau,
                            max_batches=config.eva_max_batches, alpha=config.alpha,
-                           reverse=init.reverse, seed=seed)
+                           reverse=init.reverse, seed=seed, whiten=config.eva_whiten,
+                           row_norm=LORA_ROW_NORM if config.eva_row_norm == "lora" else None)
     forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
     t0 = time.perf_counter()
-    result = compute_eva(agent.model, task_batches(dataset, agent, config, seed, agent.device),
-                         eva_config, forward=forward, mask_fn=mask_fn)
+    if config.eva_center == "token_type":
+        result = compute_eva(agent.model, TaskBatches(dataset, agent, config, seed), eva_config,
+                             forward=forward, mask_fn=mask_fn,
+                             group_fn=dt_token_groups(agent.model))
+    else:
+        result = compute_eva(agent.model,
+                             task_batches(dataset, agent, config, seed, agent.device),
+                             eva_config, forward=forward, mask_fn=mask_fn)
     result.extra["wall_seconds"] = time.perf_counter() - t0  # batches + SVD
     result.save(eva_dir, overwrite=True)
     kill_point("finetune.eva_saved")

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from agents.initializers import AdapterInit, EvaInit, Initializer
 from eva_rl.adapters import AdapterConfig
+
+if TYPE_CHECKING:
+    from agents.finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class Method:
     initializer: Initializer = field(default_factory=AdapterInit)
     """How a task's new adapter is added and initialised (`agents.initializers`)."""
     description: str = ""
+    settings: tuple[tuple[str, Any], ...] = ()
+    """Fine-tuning settings the method fixes, whatever the run's config says:
+    ``(("eva_token_types", ("state",)),)`` (names of `agents.finetune.FinetuneConfig`)."""
 
     @property
     def is_full(self) -> bool:
@@ -46,6 +53,10 @@ class Method:
     def min_rho(self) -> float:
         """Smallest EVA rho the method runs with (its initializer's)."""
         return self.initializer.min_rho
+
+    def configure(self, config: FinetuneConfig) -> FinetuneConfig:
+        """The run's ``config`` with the method's own `settings`."""
+        return config.replace(**dict(self.settings)) if self.settings else config
 
     def adapter_config(self, rank: int, alpha: float, **kwargs) -> AdapterConfig:
         """The `AdapterConfig` of one task's adapter (not used for `fft`)."""
@@ -84,6 +95,14 @@ for _method in (
     # the same set as "the top r"; rho >= 2 makes it pick the lower half
     Method("eva_reverse", "lora", EvaInit(name="eva_reverse", reverse=True, min_rho=2.0),
            description="ablation: EVA with the lowest-variance computed components"),
+    # EVA on the Decision Transformer's interleaved token stream: which rows enter, what is
+    # centred, and how large A's rows are (the tuned `eva` takes these from the config)
+    Method("eva_state", "lora", EvaInit(), description="EVA on state tokens only",
+           settings=(("eva_token_types", ("state",)),)),
+    Method("eva_type_centered", "lora", EvaInit(), description="EVA with each token type's "
+           "mean removed before the SVD", settings=(("eva_center", "token_type"),)),
+    Method("eva_lora_norm", "lora", EvaInit(), description="ablation: EVA's directions with "
+           "LoRA's row norm", settings=(("eva_row_norm", "lora"),)),
 ):
     register_method(_method)
 

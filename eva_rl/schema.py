@@ -35,21 +35,54 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str}
+def _comma_list(item: type) -> Any:
+    def parse(text: str) -> tuple:
+        return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+
+    parse.__name__ = f"comma list of {item.__name__}"
+    return parse
 
 
-def add_field_flags(parser: argparse._ActionsContainer, cls: type, names: Sequence[str]
-                    ) -> list[str]:
-    """Add ``--<name>`` for fields of dataclass ``cls``, typed and documented by the field.
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "tuple[str, ...]": _comma_list(str),
+               "tuple[float, float]": _comma_list(float)}
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default (made by its factory where it has one)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def add_field_flags(parser: argparse._ActionsContainer, cls: type, names: Sequence[str],
+                    defaults: Any = None) -> list[str]:
+    """Add ``--<name>`` for fields of dataclass ``cls``, typed and documented by the field
+    (its docstring, and its value in ``defaults``, an instance of ``cls``, or else its own
+    default; a bool field gets ``--<name>`` / ``--no-<name>``, a tuple one a comma list).
 
     Every flag defaults to None ("not given"), so a preset's value stands unless the flag
     is passed. Returns the destination names (for ``config.replace(**...)``)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     docs = field_docs(cls)
     for name in names:
-        kind = str(fields[name].type).split("|")[0].strip()
+        kind = str(fields[name].type).split(" | ")[0].strip()
+        default = (field_default(fields[name]) if defaults is None
+                   else getattr(defaults, name))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{docs.get(name, '')} (default: {shown})".replace("%", "%%")
+        flag = f"--{name.replace('_', '-')}"
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+            continue
+        if kind.startswith("Literal["):  # Literal["a", "b"]: one of those strings
+            choices = ast.literal_eval(f"[{kind[len('Literal['):-1]}]")
+            parser.add_argument(flag, dest=name, choices=choices, default=None, help=help_text)
+            continue
         if kind not in _FLAG_TYPES:
             raise TypeError(f"{cls.__name__}.{name}: no command-line flag for type {kind}")
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_FLAG_TYPES[kind],
-                            default=None, help=docs.get(name, "").replace("%", "%%"))
+        parser.add_argument(flag, dest=name, type=_FLAG_TYPES[kind], default=None,
+                            help=help_text)
     return list(names)

@@ -18,11 +18,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
-
-import torch
 
 from agents.executors import Executor, LocalExecutor, RayExecutor
 from agents.finetune import CONFIGS, FinetuneConfig, get_config
@@ -31,14 +30,27 @@ from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.runlock import RunLock
 from eva_rl.schema import add_field_flags
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 from eva_rl.training import TrainConfig
 
 from script_cli import ScriptParser, script_main
 
-CONFIG_FLAGS = ("rank", "alpha", "rho", "tau", "fft_lr", "eval_every", "eval_episodes",
-                "final_eval_episodes", "max_episode_steps", "routing", "routing_after",
-                "signature_rank")
-TRAIN_FLAGS = ("lr", "steps", "batch_size", "warmup_steps", "device")
+DEFAULT_CONFIG = "cpu"
+CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "train")
+TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                    if f.name not in ("seed", "progress"))  # seed: per task; --no-progress
+
+
+def describe_configs() -> str:
+    """What each named preset sets, as its differences from the fields' defaults."""
+    default = FinetuneConfig().to_dict()
+    lines = []
+    for name, config in sorted(CONFIGS.items()):
+        d = config.to_dict()
+        changed = [f"{k}={v}" for k, v in d["train"].items() if v != default["train"][k]]
+        changed += [f"{k}={v}" for k, v in d.items() if k != "train" and v != default.get(k)]
+        lines.append(f"{name}: {', '.join(changed) or 'the defaults'}")
+    return "; ".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,17 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--resume", action="store_true", help="continue the run in --out")
     mode.add_argument("--overwrite", action="store_true",
                       help="move an existing run in --out aside (to OUT.old-<time>), start anew")
-    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
-                   help="settings preset; the options below override single fields")
-    fields = p.add_argument_group("single settings (override the preset's)")
+    p.add_argument("--config", choices=sorted(CONFIGS), default=DEFAULT_CONFIG,
+                   help=f"settings preset (default: {DEFAULT_CONFIG}); the fine-tuning settings "
+                        "below override its fields. Presets: "
+                        + describe_configs().replace("%", "%%"))
+    fields = p.add_argument_group(f"fine-tuning settings (each overrides the --config "
+                                  f"preset's value; the defaults shown are {DEFAULT_CONFIG}'s)")
+    preset = CONFIGS[DEFAULT_CONFIG]
     p.set_defaults(config_fields=[
-        *add_field_flags(fields, FinetuneConfig, CONFIG_FLAGS),
-        *add_field_flags(fields, TrainConfig, TRAIN_FLAGS)])
-    p.add_argument("--routing-redecide", action="store_true", default=None,
-                   help="with --routing: let the router decide again at every step")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: for these small models one thread was "
-                        "up to ~90x faster per forward than two on the shared 2-core machine)")
+        *add_field_flags(fields, FinetuneConfig, CONFIG_FLAGS, defaults=preset),
+        *add_field_flags(fields, TrainConfig, TRAIN_FLAGS, defaults=preset.train)])
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --out although a process on another host holds its lock")
@@ -107,12 +119,11 @@ def make_executor(args: argparse.Namespace) -> Executor:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     # run_experiment checks the device, the pretrained run and the data, then takes the
     # run lock, and only then writes OUT/config.json
     config = get_config(args.config).replace(
         **{name: getattr(args, name) for name in args.config_fields},
-        routing_redecide=args.routing_redecide,
         progress=False if args.no_progress else None)
     exp = Experiment(pretrained=args.pretrained, data=args.data, tasks=args.tasks,
                      methods=args.methods.split(","), seeds=parse_seeds(args.seeds),

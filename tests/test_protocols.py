@@ -124,7 +124,8 @@ def test_method_registry():
     from agents.methods import METHODS, get_method, parse_methods
 
     assert list(METHODS) == ["fft", "lora", "dora", "pissa", "olora", "adalora", "eva",
-                             "eva_dora", "eva_reverse"]
+                             "eva_dora", "eva_reverse", "eva_state", "eva_type_centered",
+                             "eva_lora_norm"]
     assert [m.name for m in parse_methods("lora, EVA,lora")] == ["lora", "eva"]
     assert get_method("eva_dora").adapter == "dora" and get_method("eva_dora").eva
     assert get_method("fft").is_full

@@ -12,6 +12,7 @@ from eva_rl.eva.hooks import (
     ActivationCollector,
     default_forward,
     dt_forward_and_mask,
+    dt_token_groups,
     find_shared_inputs,
     find_target_layers,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "compute_eva",
     "default_forward",
     "dt_forward_and_mask",
+    "dt_token_groups",
     "find_shared_inputs",
     "find_target_layers",
     "log_eva",

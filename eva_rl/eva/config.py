@@ -31,6 +31,9 @@ class EvaConfig:
     """Rescale alpha per layer so alpha / rank (the LoRA scale) stays as with rank r."""
     whiten: bool = False
     """Divide each A row by sqrt(its singular value) (PEFT's `whiten`)."""
+    row_norm: float | None = None
+    """Rescale every A row to this norm (None: EVA's unit rows). An ablation that separates
+    EVA's directions from their size: LoRA's Kaiming-uniform rows have norm 1/sqrt(3)."""
     reverse: bool = False
     """Ablation: allocate by the *lowest* ratios and use each layer's lowest computed ones."""
     center: bool = True
@@ -61,6 +64,9 @@ class EvaConfig:
             raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
         if int(self.max_batches) < 1:
             raise ValueError(f"max_batches must be >= 1, got {self.max_batches!r}")
+        if self.row_norm is not None and not (math.isfinite(self.row_norm)
+                                              and self.row_norm > 0):
+            raise ValueError(f"row_norm must be a positive number or None, got {self.row_norm!r}")
         if self.svd not in SOLVERS:
             raise ValueError(f"svd must be one of {SOLVERS}, got {self.svd!r}")
 

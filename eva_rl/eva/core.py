@@ -27,6 +27,7 @@ from eva_rl.eva.allocation import allocate_ranks, rescale_alpha
 from eva_rl.eva.config import EvaConfig
 from eva_rl.eva.hooks import (
     ActivationCollector,
+    GroupFn,
     MaskFn,
     default_forward,
     find_shared_inputs,
@@ -78,6 +79,7 @@ def compute_eva(
     config: EvaConfig | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     mask_fn: MaskFn | None = None,
+    group_fn: GroupFn | None = None,
 ) -> EvaResult:
     """Run EVA's incremental SVD over `batches` and allocate ranks.
 
@@ -90,6 +92,12 @@ def compute_eva(
             `model(batch)`.
         mask_fn: `mask_fn(batch) -> bool (B, L)`: which token rows of each layer's `(B, L, d)`
             input enter (e.g. `dt_forward_and_mask`); None = all rows.
+        group_fn: `group_fn(batch) -> long (B, L)`: each token row's group (e.g.
+            `dt_token_groups`: its token type). With it, each group's mean row at each layer
+            (over the first `config.max_batches` batches) is removed before the SVD, so the
+            components describe the variation within groups, not between their means. This
+            takes a first pass over `batches`, which must then be re-iterable (a list, or an
+            object whose `iter` starts again); the result has no `means`.
 
     A layer's needed components are those its current allocation would use (initially all
     r * rho), as in PEFT; it is converged when each has cosine similarity >= tau with the
@@ -102,6 +110,12 @@ def compute_eva(
     distributed = _distributed() and config.gather_distributed
     collector = ActivationCollector(model, paths, gather=distributed)
     run = _EvaRun(paths, config)
+    if group_fn is not None:
+        if iter(batches) is batches:
+            raise ValueError("compute_eva with group_fn passes over the batches twice: give a "
+                             "list or a re-iterable object, not an iterator or generator")
+        collector.group_offsets = group_means(model, batches, paths, forward, mask_fn, group_fn,
+                                              config.max_batches, distributed)
     iterator = iter(batches)
     bar = None
     if config.progress and (not distributed or dist.get_rank() == 0):
@@ -125,8 +139,10 @@ def compute_eva(
                     has = _all_ranks_have(has)
                 if not has:
                     break
-                collector.set_mask(None if mask_fn is None else mask_fn(batch))
+                collector.set_mask(None if mask_fn is None else mask_fn(batch),
+                                   None if group_fn is None else group_fn(batch))
                 forward(model, batch)
+                collector.pop_groups()
                 run.step += 1
                 rows = collector.pop()
                 if not run.groups:
@@ -149,10 +165,54 @@ def compute_eva(
     if missing:
         raise ValueError(f"EVA: layers {missing} never saw >= {config.n_components} selected "
                          f"token rows in one batch; use larger batches or a looser mask_fn")
-    return run.result(time.perf_counter() - t0, distributed)
+    result = run.result(time.perf_counter() - t0, distributed)
+    if group_fn is not None:
+        result.means = None  # the rows were centred per group: no one mean describes them
+    return result
 
 
 _END = object()
+
+
+@torch.no_grad()
+def group_means(model: nn.Module, batches: Iterable[Any], paths: list[str],
+                forward: Callable[[nn.Module, Any], Any], mask_fn: MaskFn | None,
+                group_fn: GroupFn, max_batches: int, gather: bool) -> dict[str, torch.Tensor]:
+    """Each group's mean input row at each layer over the first ``max_batches`` batches:
+    ``{path: (n_groups, d)}`` (a group without rows has a zero mean)."""
+    collector = ActivationCollector(model, paths, gather=gather)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    iterator = iter(batches)
+    try:
+        with preserve_model_state(model):
+            model.eval()
+            _adapters_off(model)
+            for p in paths:
+                collector.attach(p)
+            for _ in range(max_batches):
+                batch = next(iterator, _END)
+                has = batch is not _END
+                if gather and not _all_ranks_have(has):
+                    break
+                if not has:
+                    break
+                collector.set_mask(None if mask_fn is None else mask_fn(batch), group_fn(batch))
+                forward(model, batch)
+                rows, groups = collector.pop(), collector.pop_groups()
+                for p, x in rows.items():
+                    g = groups[p]
+                    n = max(int(g.max()) + 1 if g.numel() else 0, len(counts.get(p, ())))
+                    total = x.new_zeros(n, x.shape[1])
+                    count = x.new_zeros(n)
+                    if p in sums:
+                        total[: len(sums[p])] += sums[p]
+                        count[: len(counts[p])] += counts[p]
+                    sums[p] = total.index_add_(0, g, x)
+                    counts[p] = count.index_add_(0, g, torch.ones_like(g, dtype=x.dtype))
+    finally:
+        collector.close()
+    return {p: sums[p] / counts[p].clamp_min(1).unsqueeze(1) for p in sums}
 
 
 class _EvaRun:

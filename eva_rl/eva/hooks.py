@@ -20,6 +20,8 @@ from eva_rl.adapters.config import match_pattern
 from eva_rl.adapters.model import linear_layers
 
 MaskFn = Callable[[Any], torch.Tensor]
+GroupFn = Callable[[Any], torch.Tensor]
+"""``group_fn(batch) -> long (B, L)``: the group of each token row (e.g. its token type)."""
 
 
 def find_target_layers(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -57,6 +59,9 @@ class ActivationCollector:
 
     Usage: `set_mask(mask)` before a forward (None = every row), run the forward, then
     `pop()` returns `{path: (n, d) float32}` for the layers hooked during that forward.
+    With `set_mask(mask, groups)`, `pop_groups()` returns each kept row's group, and a
+    layer with an entry in `group_offsets` (`(n_groups, d)`) has its group's row subtracted
+    from each of its rows.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], gather: bool = True) -> None:
@@ -67,6 +72,9 @@ class ActivationCollector:
         self._rows: dict[str, torch.Tensor] = {}
         self._raw: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self._groups: torch.Tensor | None = None
+        self._row_groups: dict[str, torch.Tensor] = {}
+        self.group_offsets: dict[str, torch.Tensor] = {}
         self.keep_raw = False  # keep each layer's unmasked input (for shared-input detection)
 
     @property
@@ -88,12 +96,18 @@ class ActivationCollector:
         self._rows.clear()
         self._raw.clear()
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
+    def set_mask(self, mask: torch.Tensor | None, groups: torch.Tensor | None = None) -> None:
         self._mask = None if mask is None else mask.reshape(-1).bool()
+        self._groups = None if groups is None else groups.reshape(-1).long()
 
     def pop(self) -> dict[str, torch.Tensor]:
         rows, self._rows = self._rows, {}
         return rows
+
+    def pop_groups(self) -> dict[str, torch.Tensor]:
+        """The group of every row `pop` returned (empty without groups)."""
+        groups, self._row_groups = self._row_groups, {}
+        return groups
 
     def pop_raw(self) -> dict[str, torch.Tensor]:
         raw, self._raw = self._raw, {}
@@ -115,10 +129,22 @@ class ActivationCollector:
                     )
                 x = x[self._mask.to(x.device)]
             x = x.float()
+            groups = None
+            if self._groups is not None:
+                groups = self._groups.to(x.device)
+                groups = groups[self._mask.to(x.device)] if self._mask is not None else groups
+                if path in self.group_offsets:
+                    x = x - self.group_offsets[path].to(x.device)[groups]
             x = all_gather_rows(x) if self.gather else x
+            if groups is not None and self.gather:  # the groups travel with their rows
+                groups = all_gather_rows(groups.unsqueeze(1).float()).squeeze(1).long()
             if path in self._rows:  # the layer ran more than once in this forward
                 x = torch.cat([self._rows[path], x])
+                if groups is not None:
+                    groups = torch.cat([self._row_groups[path], groups])
             self._rows[path] = x
+            if groups is not None:
+                self._row_groups[path] = groups
 
         return hook
 
@@ -189,3 +215,15 @@ def dt_forward_and_mask(
         return tok & wanted.to(tok.device)[types].unsqueeze(0)
 
     return forward, mask_fn
+
+
+def dt_token_groups(model: nn.Module) -> GroupFn:
+    """`group_fn` for `compute_eva` on a Decision Transformer: each token row's type (its index
+    in `model.config.token_layout`), so that each type's mean can be removed before the SVD."""
+
+    def group_fn(batch: Mapping) -> torch.Tensor:
+        b, k = batch["states"].shape[:2]
+        types = model.token_types(k).to(batch["states"].device)  # (K * n_tokens,)
+        return types.unsqueeze(0).expand(b, -1)
+
+    return group_fn

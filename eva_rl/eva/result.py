@@ -64,7 +64,8 @@ class EvaResult:
         return self.stop_reason == "max_batches"
 
     def lora_A(self) -> dict[str, torch.Tensor]:
-        """The A matrices (rank_i, d) per layer: top components (reverse: lowest computed)."""
+        """The A matrices (rank_i, d) per layer: top components (reverse: lowest computed),
+        whitened or rescaled to `row_norm` where the config says so."""
         out = {}
         for path, comps in self.components.items():
             r = self.ranks[path]
@@ -73,6 +74,8 @@ class EvaResult:
             a = comps[rows].clone()
             if self.config.whiten and r > 0:
                 a = a / self.singular_values[path][rows].sqrt().clamp_min(1e-12).unsqueeze(1)
+            if self.config.row_norm is not None and r > 0:
+                a = a * (self.config.row_norm / a.norm(dim=1, keepdim=True).clamp_min(1e-12))
             out[path] = a
         return out
 
