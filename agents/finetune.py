@@ -62,6 +62,11 @@ TaskHook = Callable[[str, int], None]
 
 
 EVA_CENTERS = ("mean", "token_type")
+SHARED_SETTINGS = frozenset({
+    "method_settings", "eval_every", "eval_at_start", "eval_episodes", "final_eval_episodes",
+    "max_episode_steps", "eval_stop_on_success", "routing", "routing_after", "routing_redecide",
+    "signature_rank", "seed", "progress", "device"})
+"""Settings every method of a run shares (its evaluation and routing): not per method."""
 EVA_ROW_NORMS = ("unit", "lora")
 
 
@@ -136,6 +141,10 @@ class FinetuneConfig:
     """AdaLoRA: share of the updates at the end with the allocation frozen."""
     adalora_delta_t: int = 10
     """AdaLoRA: updates between two re-allocations during the budget phase."""
+    adalora_orth_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality regulariser of P and Q in the loss (PEFT's
+    ``orth_reg_weight``; sized for a language model's loss, it is most of a Decision
+    Transformer's smaller action loss)."""
     routing: str = "oracle"
     """``sequential``: how every evaluation after a task picks adapters among those trained
     so far: ``oracle`` (told the task), ``eva``, ``obs`` or ``embedding`` (`agents.routing`)."""
@@ -147,12 +156,19 @@ class FinetuneConfig:
     signature_rank: int | None = None
     """Components per layer of each task's routing signature; None: ``rank`` (EVA methods
     then reuse their own components at no cost)."""
+    method_settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Settings of single methods over the shared ones, e.g. ``{"eva": {"lr": 3e-3}}``
+    (each method's own, chosen on held-out tasks; names of this class and of ``train``,
+    except the evaluation and routing settings, which every method shares)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, Mapping):
             self.train = TrainConfig.from_dict(self.train)
         if self.eva_token_types is not None:
             self.eva_token_types = tuple(self.eva_token_types)
+        self.method_settings = {m: dict(v) for m, v in dict(self.method_settings).items()}
+        for name, settings in self.method_settings.items():
+            self._check_method_settings(name, settings)
         if self.eva_center not in EVA_CENTERS:
             raise ValueError(f"eva_center must be one of {', '.join(EVA_CENTERS)}, "
                              f"got {self.eva_center!r}")
@@ -191,6 +207,22 @@ class FinetuneConfig:
         EvaConfig(rank=self.rank, rho=self.rho, tau=self.tau)
         self.router_config()  # validates routing and routing_after
 
+    def _check_method_settings(self, name: str, settings: Mapping[str, Any]) -> None:
+        from agents.methods import get_method
+
+        get_method(name)  # unknown -> the valid names
+        shared = sorted(set(settings) & SHARED_SETTINGS)
+        if shared:
+            raise ValueError(f"method_settings[{name!r}]: {', '.join(shared)} are shared by "
+                             "every method of a run and cannot be set per method")
+        self.replace(method_settings={}, **settings)  # unknown names, bad values -> their error
+
+    def for_method(self, method: Method) -> FinetuneConfig:
+        """The settings ``method`` trains with: these, its entry of ``method_settings``, then
+        the settings the method itself fixes (`Method.settings`)."""
+        changes = {**self.method_settings.get(method.name, {}), **dict(method.settings)}
+        return self.replace(**changes) if changes else self
+
     @property
     def routing_signature_rank(self) -> int:
         """Components per layer of the routing signatures: ``signature_rank`` or ``rank``."""
@@ -218,7 +250,8 @@ class FinetuneConfig:
         return AdaLoraSchedule(total_steps=steps, target_rank=self.rank,
                                tinit=int(self.adalora_tinit * steps),
                                tfinal=int(self.adalora_tfinal * steps),
-                               delta_t=self.adalora_delta_t)
+                               delta_t=self.adalora_delta_t,
+                               orth_reg_weight=self.adalora_orth_weight)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy. The routing settings are left out at their defaults, so runs
@@ -254,7 +287,7 @@ class FinetuneConfig:
 _LATER_FIELDS = {"routing": "oracle", "routing_after": 5, "routing_redecide": False,
                  "final_eval_episodes": None, "eval_stop_on_success": False,
                  "signature_rank": None, "eva_center": "mean", "eva_row_norm": "unit",
-                 "eva_whiten": False}
+                 "eva_whiten": False, "adalora_orth_weight": 0.5, "method_settings": {}}
 """Fields added after runs were recorded, with their defaults (omitted there by to_dict)."""
 
 CONFIGS: dict[str, FinetuneConfig] = {
@@ -407,7 +440,7 @@ def attach_method(agent: DTAgent, task: str, dataset: TrajectoryDataset, method:
     if task in adapter_names(model):
         set_active_adapter(model, task)
         return count_parameters(model, task), 0.0, None, None
-    config = method.configure(config)
+    config = config.for_method(method)
     adapter_config = method.adapter_config(config.adapter_rank(method), config.alpha,
                                            dropout=config.dropout)
     torch.manual_seed(seed)  # LoRA's random A
@@ -489,7 +522,7 @@ def finetune_task(
     """
     task_dir = Path(task_dir)
     t_start = time.perf_counter()
-    config = method.configure(config)
+    config = config.for_method(method)
     s = finetune_seed(seed, index)
     target = default_target_return(dataset)
     agent.set_task(task, target_return=agent.target_returns.get(task, target))

@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +42,16 @@ def _comma_list(item: type) -> Any:
 
     parse.__name__ = f"comma list of {item.__name__}"
     return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "tuple[str, ...]": _comma_list(str),
@@ -80,6 +91,10 @@ def add_field_flags(parser: argparse._ActionsContainer, cls: type, names: Sequen
         if kind.startswith("Literal["):  # Literal["a", "b"]: one of those strings
             choices = ast.literal_eval(f"[{kind[len('Literal['):-1]}]")
             parser.add_argument(flag, dest=name, choices=choices, default=None, help=help_text)
+            continue
+        if kind.startswith("dict["):  # a JSON object
+            parser.add_argument(flag, dest=name, type=_json_object, default=None,
+                                help=help_text.replace("(default:", "(JSON; default:"))
             continue
         if kind not in _FLAG_TYPES:
             raise TypeError(f"{cls.__name__}.{name}: no command-line flag for type {kind}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from agents.initializers import LORA_ROW_NORM
 from agents.methods import get_method
-from eva_rl.adapters import AdapterConfig, add_adapter, adapter_layers
+from eva_rl.adapters import AdapterConfig, adapter_layers, add_adapter
 from eva_rl.eva import EvaConfig, compute_eva
 from eva_rl.eva.core import group_means
 
@@ -97,10 +97,31 @@ def test_named_variants_pin_their_settings():
     from agents.finetune import FinetuneConfig
 
     base = FinetuneConfig()
-    assert get_method("eva").configure(base) is base  # the tuned `eva` follows the config
-    assert get_method("eva_state").configure(base).eva_token_types == ("state",)
-    assert get_method("eva_type_centered").configure(base).eva_center == "token_type"
-    assert get_method("eva_lora_norm").configure(base).eva_row_norm == "lora"
+    assert base.for_method(get_method("eva")) is base  # the tuned `eva` follows the config
+    assert base.for_method(get_method("eva_state")).eva_token_types == ("state",)
+    assert base.for_method(get_method("eva_type_centered")).eva_center == "token_type"
+    assert base.for_method(get_method("eva_lora_norm")).eva_row_norm == "lora"
     with pytest.raises(ValueError, match="eva_center must be one of mean, token_type"):
         FinetuneConfig(eva_center="type")
     assert "eva_center" not in base.to_dict()  # old runs' configs still compare equal
+
+
+def test_settings_per_method_are_the_methods_own():
+    from agents.finetune import FinetuneConfig
+
+    config = FinetuneConfig(method_settings={"eva": {"lr": 3e-3, "eva_center": "token_type"},
+                                             "adalora": {"adalora_orth_weight": 0.0}})
+    eva = config.for_method(get_method("eva"))
+    assert eva.train.lr == 3e-3 and eva.eva_center == "token_type"
+    assert config.for_method(get_method("lora")).train.lr == config.train.lr
+    assert config.for_method(get_method("adalora")).adalora_schedule().orth_reg_weight == 0.0
+    # the method's own fixed settings win over the run's entry for it
+    pinned = FinetuneConfig(method_settings={"eva_state": {"eva_token_types": ("action",)}})
+    assert pinned.for_method(get_method("eva_state")).eva_token_types == ("state",)
+    assert FinetuneConfig.from_dict(config.to_dict()) == config
+    for bad, needle in (({"evaa": {}}, "unknown method 'evaa'"),
+                        ({"eva": {"eval_episodes": 3}}, "shared by every method"),
+                        ({"eva": {"lrr": 1.0}}, "unknown fine-tuning settings"),
+                        ({"eva": {"eva_center": "x"}}, "eva_center must be one of")):
+        with pytest.raises(ValueError, match=needle):
+            FinetuneConfig(method_settings=bad)
