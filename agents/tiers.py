@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,8 +34,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agents.finetune import CONFIGS, FinetuneConfig
+from agents.methods import METHODS
 from agents.protocols import Experiment
-from envs import CW10, MT40, resolve_tasks
+from envs import CW10, MT40, resolve_task, resolve_tasks
 from eva_rl.io import read_versioned_json, sha256_file, write_json_atomic
 from eva_rl.schema import check_known_fields
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain_train_config
@@ -85,6 +88,8 @@ class Tier:
     reproducible on the CPU for the same thread count)."""
 
     def __post_init__(self) -> None:
+        for name, value in _checked_fields(self).items():
+            object.__setattr__(self, name, value)  # task names resolved, sequences tuples
         overlap = set(self.pretrain_tasks) & (set(self.tasks) | set(self.tuning_tasks))
         if overlap:
             raise ValueError(f"tier {self.name}: pretraining tasks overlap the tuning or "
@@ -114,10 +119,70 @@ class Tier:
         pre["train"] = pretrain_train_config(**pre["train"])
         d["pretrain"] = PretrainConfig(**pre)
         d["finetune"] = FinetuneConfig.from_dict(d["finetune"])
-        for name in ("noise", "pretrain_tasks", "tuning_tasks", "tasks", "methods", "seeds",
-                     "sequential_methods"):
-            d[name] = tuple(d[name])
+        for name in _LIST_FIELDS:
+            if name in d and not isinstance(d[name], list):
+                raise ValueError(f"{name} must be a list, got {d[name]!r:.80}")
         return cls(**d)
+
+
+_LIST_FIELDS = ("noise", "pretrain_tasks", "tuning_tasks", "tasks", "methods", "seeds",
+                "sequential_methods")
+# a tier's name names directories (runs/<name>, docs/results/<name>): one plain component
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _checked_fields(tier: Tier) -> dict[str, Any]:
+    """Every field of ``tier`` checked (a ``ValueError`` naming the tier, the field and the
+    value); returns the list fields as tuples, task names resolved (``hammer`` ->
+    ``hammer-v3``)."""
+    name = tier.name
+    if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name)):
+        raise ValueError(f"tier name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                         "(it names directories), starting with a letter or digit")
+
+    def bad(field: str, what: str) -> ValueError:
+        return ValueError(f"tier {name}: {field} must be {what}, got "
+                          f"{getattr(tier, field)!r:.120}")
+
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    for field, least in (("episodes", 1), ("data_seed", 0), ("sequential_final_episodes", 1),
+                         ("threads", 1)):
+        if not count(getattr(tier, field), least):
+            raise bad(field, f"an integer >= {least}")
+    if not isinstance(tier.pretrain, PretrainConfig):
+        raise bad("pretrain", "a PretrainConfig")
+    if not isinstance(tier.finetune, FinetuneConfig):
+        raise bad("finetune", "a FinetuneConfig")
+    out: dict[str, Any] = {}
+    for field in _LIST_FIELDS:
+        value = getattr(tier, field)
+        if not isinstance(value, (list, tuple)) or (not value and field != "tuning_tasks"):
+            raise bad(field, "a non-empty list" if field != "tuning_tasks" else "a list")
+        out[field] = tuple(value)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               and v >= 0 for v in out["noise"]):
+        raise bad("noise", "a list of finite numbers >= 0")
+    if not all(count(s, 0) for s in out["seeds"]):
+        raise bad("seeds", "a list of integers >= 0")
+    for field in ("methods", "sequential_methods"):
+        unknown = [m for m in out[field] if not (isinstance(m, str) and m in METHODS)]
+        if unknown:
+            raise ValueError(f"tier {name}: unknown {field} {unknown[0]!r}; valid methods: "
+                             f"{', '.join(METHODS)}")
+    for field in ("pretrain_tasks", "tuning_tasks", "tasks"):
+        if not all(isinstance(t, str) for t in out[field]):
+            raise bad(field, "a list of task names")
+        try:
+            out[field] = tuple(resolve_task(t) for t in out[field])
+        except ValueError as err:
+            raise ValueError(f"tier {name}: {field}: {err}") from None
+    for field in _LIST_FIELDS[1:]:  # a noise schedule may repeat a level
+        repeated = sorted({v for v in out[field] if out[field].count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"tier {name}: {field} lists {repeated[0]!r} more than once")
+    return out
 
 
 class TierPaths(NamedTuple):
@@ -170,9 +235,10 @@ def get_tier(name: str) -> Tier:
 
 
 def collect_tier_data(tier: Tier, root: str | Path, tasks: Sequence[str] | None = None,
-                      workers: int = 1, progress: bool = True) -> None:
+                      workers: int = 1, progress: bool = True, *,
+                      force_unlock: bool = False) -> None:
     """The tier's scripted-expert datasets of ``tasks`` (default: every task it uses) in
-    ``root``; finished ones are kept."""
+    ``root``; finished ones are kept (``force_unlock``: see `collect_datasets`)."""
     from agents.collection import collect_datasets
     from agents.experts import ScriptedCollector
 
@@ -180,12 +246,14 @@ def collect_tier_data(tier: Tier, root: str | Path, tasks: Sequence[str] | None 
                                   max_episode_steps=tier.finetune.max_episode_steps)
     collect_datasets(tier.data_tasks if tasks is None else tasks, collector, tier.episodes,
                      tier_paths(root).data, seed=tier.data_seed, workers=workers,
-                     progress=progress)
+                     progress=progress, force_unlock=force_unlock)
 
 
-def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
+def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True, *,
+                  force_unlock: bool = False) -> None:
     """The tier's base model in ``root`` (continued if interrupted), on ``tier.threads``
-    torch threads; the machine that finishes it is recorded in ``root/machine.json``."""
+    torch threads; the machine that finishes it is recorded in ``root/machine.json``
+    (``force_unlock``: see `eva_rl.training.pretrain`)."""
     import torch
 
     from eva_rl.training import pretrain
@@ -194,7 +262,8 @@ def pretrain_tier(tier: Tier, root: str | Path, progress: bool = True) -> None:
     torch.set_num_threads(tier.threads)
     train = dataclasses.replace(tier.pretrain.train, progress=progress)
     pretrain(paths.data, tier.pretrain_tasks, paths.pretrained,
-             dataclasses.replace(tier.pretrain, train=train), resume=True)
+             dataclasses.replace(tier.pretrain, train=train), resume=True,
+             force_unlock=force_unlock)
     if not (Path(root) / MACHINE_FILE).exists():
         write_json_atomic(Path(root) / MACHINE_FILE, machine())
 
@@ -247,16 +316,84 @@ def write_tier_file(tier: Tier, path: str | Path) -> Path:
 def prepare_tier_dir(tier: Tier, root: str | Path) -> None:
     """Create ``root`` for ``tier`` or check that it holds this tier's run."""
     root = Path(root)
-    path = root / TIER_FILE
-    if path.exists():
-        saved = read_tier_file(path).to_dict()
-        if saved != tier.to_dict():
-            changed = sorted(k for k in saved if saved[k] != tier.to_dict()[k])
-            raise ValueError(f"{path} holds another tier's settings (differs in: "
-                             f"{', '.join(changed)}); use another directory")
+    if check_tier_dir(tier, root):
         return
     root.mkdir(parents=True, exist_ok=True)
-    write_tier_file(tier, path)
+    write_tier_file(tier, root / TIER_FILE)
+
+
+def check_tier_dir(tier: Tier, root: str | Path) -> bool:
+    """Whether ``root`` already holds ``tier``'s run (False: no ``tier.json`` yet); a
+    ``root`` that is a file or holds another tier is a ``ValueError``. Writes nothing."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a directory")
+    path = root / TIER_FILE
+    if not path.exists():
+        return False
+    saved = read_tier_file(path).to_dict()
+    if saved != tier.to_dict():
+        changed = sorted(k for k in saved if saved[k] != tier.to_dict()[k])
+        raise ValueError(f"{path} holds another tier's settings (differs in: "
+                         f"{', '.join(changed)}); use another directory")
+    return True
+
+
+def check_stage(tier: Tier, root: str | Path, stage: str, after: Sequence[str] = ()) -> None:
+    """Refuse, writing nothing, a ``stage`` of ``tier`` (or ``report``) in ``root`` that
+    would be refused once started: its inputs missing or unusable (datasets, the
+    pretrained model, its run directory, results to report). Inputs that a stage in
+    ``after`` (run before it in the same session) makes are not checked yet."""
+    from agents.protocols import check_inputs
+    from eva_rl.data import open_datasets
+
+    paths = tier_paths(root)
+    if stage == "pretrain" and "collect" not in after:
+        open_datasets(paths.data, tier.pretrain_tasks)  # DatasetError names the directory
+    elif stage in ("single", "sequential"):
+        check_stage_dir(tier, root, stage)
+        if "pretrain" not in after and not (paths.pretrained / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{paths.pretrained}: no pretrained model yet; run the pretrain "
+                             "stage first (add it to --stages)")
+        if not {"collect", "pretrain"} & set(after):
+            check_inputs(stage_experiment(tier, root, stage)[0])  # the model and the data
+        elif "collect" not in after:
+            open_datasets(paths.data, tier.tasks)
+    elif stage == "report":
+        runs = [d / "results.json" for d in (paths.single, paths.sequential)]
+        if not set(after) & {"single", "sequential"} and not any(r.exists() for r in runs):
+            raise ValueError(f"{root}: no results to report yet (run the single or "
+                             "sequential stage first)")
+    elif stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}, report")
+
+
+def check_stage_dir(tier: Tier, root: str | Path, protocol: str) -> None:
+    """Refuse (writing nothing) a ``single`` / ``sequential`` run directory in ``root``
+    that the tier's stage could not continue: made by a tier run elsewhere (the
+    experiment records the absolute paths of its data and pretrained model, so a copied
+    or moved tier run does not continue) or with other settings."""
+    from agents.protocols import EXPERIMENT_FORMAT, EXPERIMENT_VERSION, experiment_differences
+    from eva_rl.runlock import is_empty_dir
+
+    exp, run_dir = stage_experiment(tier, root, protocol)
+    if not run_dir.is_dir() or is_empty_dir(run_dir):
+        return
+    saved = read_versioned_json(run_dir / "config.json", EXPERIMENT_FORMAT,
+                                EXPERIMENT_VERSION, "fine-tuning run config")
+    experiment = saved.get("experiment")
+    diffs = experiment_differences(experiment if isinstance(experiment, dict) else {},
+                                   exp.to_dict())
+    if not diffs:
+        return
+    if all(d.split(":")[0] in ("pretrained", "data") for d in diffs):
+        raise ValueError(
+            f"{run_dir} was made by a tier run in another directory ({'; '.join(diffs)}): a "
+            "tier run does not continue after it was copied or moved. Continue it where it "
+            f"was made, or start this tier in a new --out with --restore-from {Path(root)} "
+            "(its finished cells are taken over as records)")
+    raise ValueError(f"{run_dir} holds a {protocol} experiment with other settings than "
+                     f"tier {tier.name}'s ({'; '.join(diffs)}); use a new --out")
 
 
 def read_tier_file(path: str | Path) -> Tier:
@@ -275,6 +412,13 @@ def read_costs(root: str | Path) -> dict[str, dict[str, float]]:
     if not path.exists():
         return {"seconds": {}, "peak_rss_mib": {}}
     obj = read_versioned_json(path, COSTS_FORMAT, 1, "tier costs")
+    for key in ("seconds", "peak_rss_mib"):
+        part = obj.get(key)
+        if not (isinstance(part, dict) and all(
+                k in STAGES and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) and v >= 0 for k, v in part.items())):
+            raise ValueError(f"{path}: corrupt tier costs: {key!r} must map stages "
+                             f"({', '.join(STAGES)}) to numbers >= 0")
     return {"seconds": dict(obj["seconds"]), "peak_rss_mib": dict(obj["peak_rss_mib"])}
 
 
@@ -313,23 +457,99 @@ def fingerprints(root: str | Path, tasks: Sequence[str]) -> dict[str, Any]:
 
 
 def read_fingerprints(published: str | Path) -> dict[str, Any] | None:
-    """A published tier's ``fingerprints.json`` (None where it has none)."""
+    """A published tier's ``fingerprints.json`` (None where it has none), checked as
+    untrusted input: ``{"data": {task: sha256}, "pretrained": sha256, "machine": {...} |
+    null}`` with 64-digit lowercase hex digests (``machine`` may be absent). Anything else
+    is a ``ValueError`` naming the file and what is wrong."""
     path = Path(published) / FINGERPRINTS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    obj = _read_json_object(path, "fingerprints file")
+    data, pretrained = obj.get("data"), obj.get("pretrained")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: corrupt fingerprints file: 'data' must be an object of "
+                         f"task -> SHA-256, got {_kind(data)}")
+    for task, digest in data.items():
+        if not _is_sha256(digest):
+            raise ValueError(f"{path}: corrupt fingerprints file: data[{task!r}] is not a "
+                             f"SHA-256 hex digest ({digest!r})")
+    if not _is_sha256(pretrained):
+        raise ValueError(f"{path}: corrupt fingerprints file: 'pretrained' is not a SHA-256 "
+                         f"hex digest ({pretrained!r})")
+    _check_machine(path, obj.get("machine"))
+    return obj
 
 
 def pretrained_on(root: str | Path) -> dict[str, str] | None:
-    """The machine recorded in ``root/machine.json`` (None for runs made before it was)."""
+    """The machine recorded in ``root/machine.json`` (None for runs made before it was); a
+    file that is not a JSON object of strings is a ``ValueError`` naming it."""
     path = Path(root) / MACHINE_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    info = _read_json_object(path, "machine record")
+    _check_machine(path, info)
+    return info
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; unreadable, empty, not JSON or not an object ->
+    ``ValueError`` naming the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt {what}, cannot read it ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: corrupt {what}: expected a JSON object, got {_kind(obj)}")
+    return obj
+
+
+def _check_machine(path: Path, info: Any) -> None:
+    if info is not None and not (isinstance(info, dict)
+                                 and all(isinstance(v, str) for v in info.values())):
+        raise ValueError(f"{path}: corrupt machine record: expected an object of strings "
+                         f"(cpu, cpu_capability, versions) or null, got {info!r:.200}")
+
+
+def _is_sha256(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 def describe_machine(info: dict[str, str] | None) -> str:
     """One line for a `machine` record."""
-    if not info:
+    if not isinstance(info, dict) or not info:
         return "a machine that was not recorded"
     return (f"{info.get('cpu', '?')} ({info.get('cpu_capability', '?')}; torch "
             f"{info.get('torch', '?')}, numpy {info.get('numpy', '?')})")
+
+
+def explain_base_difference(published: dict[str, str] | None,
+                            here: dict[str, str] | None) -> str:
+    """Why two pretrained models of the same tier may differ, from the `machine` records
+    of the runs that made them: the CPU kinds (float rounding differs between instruction
+    sets), the library versions, or neither (the same machine recorded twice: then
+    rounding across CPUs is not the cause)."""
+    if not isinstance(published, dict) or not isinstance(here, dict) or not published \
+            or not here:
+        return ("a machine was not recorded, so whether the CPU kinds differ is unknown "
+                "(float rounding differs between CPU kinds)")
+    changed = [k for k in sorted(set(published) & set(here)) if published[k] != here[k]]
+    cpu = [k for k in changed if k in ("cpu", "cpu_capability")]
+    libs = ", ".join(f"{k} {published[k]} vs {here[k]}" for k in changed if k not in cpu)
+    if cpu:
+        return ("float rounding differs between CPU kinds"
+                + (f" and library versions ({libs})" if libs else ""))
+    if libs:
+        return (f"the CPU kind is the same but library versions differ ({libs}): float "
+                "rounding can differ between library builds")
+    return ("both runs recorded the same machine (CPU, instruction set and library versions "
+            "equal), so the weights differ on the same recorded machine: float rounding "
+            "across CPU kinds does not explain it; something else changed (the settings, a "
+            "library build under the same version, the thread count, or the published files)")
 
 
 def check_same_base(root: str | Path, published: str | Path) -> None:
@@ -340,14 +560,16 @@ def check_same_base(root: str | Path, published: str | Path) -> None:
     weights = tier_paths(root).pretrained / WEIGHTS_FILE
     if saved is None or not weights.exists() or saved["pretrained"] == sha256_file(weights):
         return
+    here = pretrained_on(root)
+    why = explain_base_difference(saved.get("machine"), here)
     raise ValueError(
         f"{weights} is not the base model of {published} (SHA-256 differs from its "
         f"{FINGERPRINTS_FILE}): adding cells made on it would mix two base models in one "
-        f"comparison. It was pretrained on {describe_machine(pretrained_on(root))}, the "
+        f"comparison. It was pretrained on {describe_machine(here)}, the "
         f"published one on {describe_machine(saved.get('machine'))}; the data and "
-        "pretraining are deterministic, but float rounding differs between CPU kinds. Run "
-        "the missing cells where the published base model is remade bit for bit, or run the "
-        "whole tier on one kind of machine")
+        f"pretraining are deterministic, but {why}. "
+        "Run the missing cells where the published base model is remade bit for bit, or run "
+        "the whole tier on one kind of machine")
 
 
 def cost_split(costs: dict[str, dict[str, float]], results: dict[str, Any]) -> dict[str, Any]:
@@ -411,47 +633,54 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     into the ``protocol`` run directory of ``root`` as finished task records, so that the
     stage runs only the cells still missing (e.g. a seed a session had no time for). A
     `sequential` chain is restored only when all its tasks finished (a part of a chain
-    cannot continue without its weights). The published tier must equal ``tier``; cells
-    already in ``root`` are kept. Returns the number of task records written; their share
-    of the published stage's seconds joins ``root/costs.json``. Restored cells have a
-    record only (no adapter or signature: routing and PEFT export need the cell rerun).
-    Refused when ``root``'s pretrained model is not the published one (`check_same_base`)."""
+    cannot continue without its weights). The published tier must equal ``tier``, its
+    records pass `agents.tier_records.published_records` (checked as untrusted input, all
+    before the first is written); cells already in ``root`` are kept. Returns the number
+    of task records written; their share of the published stage's seconds joins
+    ``root/costs.json``. Restored cells have a record only (no adapter or signature:
+    routing and PEFT export need the cell rerun). Refused when ``root``'s pretrained model
+    is not the published one (`check_same_base`)."""
     from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
-    from agents.reports import load_results
 
-    exp, run_root = stage_experiment(tier, root, protocol)
     published = Path(published)
+    records, total = check_restore_source(tier, published, protocol)
+    check_same_base(root, published)
+    exp, run_root = stage_experiment(tier, root, protocol)
+    check_stage_dir(tier, root, protocol)
+    prepare_run_dir(run_root, exp, resume=True)
+    written = 0
+    for method, seed, rec in records:
+        tdir = task_dir_of(run_dir_of(run_root, method, seed), rec["index"], rec["task"])
+        if read_record(tdir) is None:
+            tdir.mkdir(parents=True, exist_ok=True)
+            write_record(tdir, rec)
+            written += 1
+    if written:
+        carry_restored_costs(root, published, written / total, protocol)
+    return written
+
+
+def check_restore_source(tier: Tier, published: str | Path, protocol: str = "single"
+                         ) -> tuple[list[tuple[str, int, dict[str, Any]]], int]:
+    """Check a published tier for `restore_cells` without writing anything: a directory
+    whose ``tier.json`` is ``tier``, whose ``fingerprints.json`` and ``costs.json`` read,
+    and whose ``protocol`` records pass `agents.tier_records.published_records` (what it
+    returns). A ``ValueError`` naming the file and the problem otherwise."""
+    from agents.tier_records import published_records
+
+    published = Path(published)
+    if not published.is_dir():
+        raise FileNotFoundError(f"--restore-from {published}: no such directory (a published "
+                                f"tier, holding {TIER_FILE})")
     saved = read_tier_file(published / TIER_FILE)
     if saved != tier:
         changed = sorted(k for k, v in saved.to_dict().items() if tier.to_dict()[k] != v)
         raise ValueError(f"{published / TIER_FILE} is another tier's (differs in: "
                          f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
-    check_same_base(root, published)
-    sequential = protocol == "sequential"
-    prepare_run_dir(run_root, exp, resume=True)
-    source = published / protocol / "results.json"
-    if not source.exists():
-        return 0
-    written = total = 0
-    for run in load_results(source)["runs"]:
-        if run["method"] not in exp.methods or run["seed"] not in tier.seeds:
-            continue
-        total += len(run["per_task"])
-        if sequential and len(run["per_task"]) != len(tier.tasks):
-            continue
-        for rec in run["per_task"]:
-            if tier.tasks[rec["index"]] != rec["task"]:
-                raise ValueError(f"{published}: record {run['method']} seed {run['seed']} "
-                                 f"{rec['task']} has index {rec['index']}, another task's")
-            tdir = task_dir_of(run_dir_of(run_root, run["method"], run["seed"]), rec["index"],
-                               rec["task"])
-            if read_record(tdir) is None:
-                tdir.mkdir(parents=True, exist_ok=True)
-                write_record(tdir, rec)
-                written += 1
-    if written:
-        carry_restored_costs(root, published, written / total, protocol)
-    return written
+    read_fingerprints(published)
+    read_costs(published)
+    exp, _ = stage_experiment(tier, published, protocol)
+    return published_records(exp, tier.seeds, published)
 
 
 def carry_restored_costs(root: str | Path, published: str | Path, share: float,

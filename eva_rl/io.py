@@ -210,7 +210,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 CHECKSUM_KEY = "sha256"
 
 
-def _content_sha256(obj: Mapping[str, Any]) -> str:
+def content_sha256(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a JSON object's content without its ``"sha256"`` key (canonical JSON:
+    sorted keys, no spaces): what :func:`write_checked_json` stores under that key."""
     body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -222,7 +224,7 @@ def write_checked_json(path: str | os.PathLike, obj: Mapping[str, Any],
     ``"sha256"``, so :func:`read_checked_json` refuses a file edited or damaged since.
     Values are made JSON-safe first (:func:`to_json_safe`: NaN is written as null)."""
     obj = to_json_safe(dict(obj))
-    obj[CHECKSUM_KEY] = _content_sha256(obj)
+    obj[CHECKSUM_KEY] = content_sha256(obj)
     return write_json_atomic(path, obj, indent=indent)
 
 
@@ -235,7 +237,7 @@ def verify_checked_json(path: str | os.PathLike, obj: Mapping[str, Any], what: s
         raise error_cls(f"{path}: {what} has no checksum (written by an older eva-rl, or by "
                         "hand); it cannot be trusted")
     try:
-        ok = saved == _content_sha256(obj)
+        ok = saved == content_sha256(obj)
     except (TypeError, ValueError):
         ok = False
     if not ok:
