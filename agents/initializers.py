@@ -1,5 +1,5 @@
-"""How a method initialises a task's new adapter: the `Initializer` protocol and its two
-implementations, the adapter variant's own initialisation and EVA's.
+"""How a method initialises a task's new adapter: the `Initializer` protocol and its
+implementations, the adapter variant's own initialisation, EVA's, CorDA's and LoRA-GA's.
 
 An initializer computes on the frozen model with the task's own windows, then applies
 the result to a new adapter named after the task, the way PEFT's ``init_lora_weights``
@@ -12,11 +12,12 @@ directory, so a resumed task reuses it instead of computing again.
 from __future__ import annotations
 
 import math
+import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -31,6 +32,16 @@ from eva_rl.eva import (
     dt_token_groups,
     log_eva,
 )
+from eva_rl.inits import (
+    CORDA_MODES,
+    CordaConfig,
+    InitResult,
+    LoraGaConfig,
+    apply_init,
+    compute_corda,
+    compute_lora_ga,
+)
+from eva_rl.inits.result import META_FILE as INIT_META_FILE
 from eva_rl.killpoints import kill_point
 from eva_rl.tensorboard import RunLogger
 from eva_rl.training.trainer import TB_DIR
@@ -162,3 +173,106 @@ def compute_or_load_eva(agent: DTAgent, dataset: TrajectoryDataset, init: EvaIni
     with RunLogger(log_dir) as log:  # next to the Trainer's events of the same task
         log_eva(log.writer, result, step=0)
     return result, True
+
+
+@dataclass(frozen=True)
+class CordaInit:
+    """CorDA: A, B from the SVD of W times the covariance of the layer's inputs on the
+    task's windows (``ipm``: the top r components; ``kpm``: the smallest r), the change of W
+    kept in the adapter as a frozen offset."""
+
+    mode: str = "ipm"
+    min_rho: float = 1.0
+    result_dir: ClassVar[str] = "corda"
+    """Where in the task's directory the result is saved."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in CORDA_MODES:
+            raise ValueError(f"CorDA mode must be one of {CORDA_MODES}, got {self.mode!r}")
+
+    @property
+    def name(self) -> str:
+        """``corda_ipm`` or ``corda_kpm``."""
+        return f"corda_{self.mode}"
+
+    def attach(self, agent: DTAgent, task: str, dataset: TrajectoryDataset,
+               adapter_config: AdapterConfig, config: FinetuneConfig, seed: int,
+               task_dir: Path) -> InitOutcome:
+        corda_config = CordaConfig(mode=self.mode, rank=adapter_config.rank,
+                                   rank_pattern=dict(adapter_config.rank_pattern),
+                                   target_modules=adapter_config.target_modules,
+                                   max_batches=config.eva_max_batches)
+
+        def compute() -> InitResult:
+            # the rows EVA decomposes: real tokens of config.eva_token_types
+            forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
+            return compute_corda(agent.model,
+                                 task_batches(dataset, agent, config, seed, agent.device),
+                                 corda_config, forward=forward, mask_fn=mask_fn)
+
+        return _attach_init(agent, task, adapter_config, task_dir / self.result_dir, "corda",
+                            corda_config.to_dict(), compute)
+
+
+@dataclass(frozen=True)
+class LoraGaInit:
+    """LoRA-GA: A, B from the SVD of the gradient of the DT's loss w.r.t. W on the task's
+    windows (PEFT's defaults: ``ArB2r``, ``stable`` scale, gamma 16), the change of W kept
+    in the adapter as a frozen offset."""
+
+    name: str = "lora_ga"
+    min_rho: float = 1.0
+    result_dir: ClassVar[str] = "lora_ga"
+    """Where in the task's directory the result is saved."""
+
+    def attach(self, agent: DTAgent, task: str, dataset: TrajectoryDataset,
+               adapter_config: AdapterConfig, config: FinetuneConfig, seed: int,
+               task_dir: Path) -> InitOutcome:
+        ga_config = LoraGaConfig(rank=adapter_config.rank,
+                                 rank_pattern=dict(adapter_config.rank_pattern),
+                                 target_modules=adapter_config.target_modules,
+                                 max_batches=config.eva_max_batches, seed=seed)
+
+        def compute() -> InitResult:
+            return compute_lora_ga(agent.model,
+                                   task_batches(dataset, agent, config, seed, agent.device),
+                                   ga_config, loss_fn=_dt_loss)
+
+        return _attach_init(agent, task, adapter_config, task_dir / self.result_dir, "lora_ga",
+                            ga_config.to_dict(), compute)
+
+
+def saved_init_result(initializer: Initializer, task_dir: Path) -> InitResult | None:
+    """The CorDA / LoRA-GA result saved in ``task_dir`` by ``initializer`` (None for the
+    other initializers)."""
+    if not isinstance(initializer, (CordaInit, LoraGaInit)):
+        return None
+    return InitResult.load(task_dir / initializer.result_dir)
+
+
+def _dt_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.loss(batch)
+
+
+def _attach_init(agent: DTAgent, task: str, adapter_config: AdapterConfig, directory: Path,
+                 kind: str, settings: dict[str, Any], compute: Callable[[], InitResult]
+                 ) -> InitOutcome:
+    """Compute (or reuse the result saved in ``directory``) and add the task's adapter."""
+    if (directory / INIT_META_FILE).is_file():
+        result = InitResult.load(directory)
+        if result.kind != kind or result.config != settings:
+            raise ValueError(f"{directory} holds a {result.kind} result computed with "
+                             f"{result.config}, not {kind} with {settings}; delete it to "
+                             "compute it again")
+    else:
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        result = compute()
+        result.extra["wall_seconds"] = time.perf_counter() - t0  # batches + SVDs
+        # growth of the process's peak RSS (KiB on Linux): 0 when the computation stayed
+        # below an earlier peak, so a lower bound of its own peak
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result.extra["peak_rss_growth_mib"] = (rss1 - rss0) / 1024
+        result.save(directory, overwrite=True)
+    apply_init(agent.model, task, result, adapter_config)
+    return InitOutcome(seconds=float(result.extra.get("wall_seconds", result.seconds)))

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from agents.initializers import AdapterInit, EvaInit, Initializer
+from agents.initializers import AdapterInit, CordaInit, EvaInit, Initializer, LoraGaInit
 from eva_rl.adapters import AdapterConfig
-
-if TYPE_CHECKING:
-    from agents.finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -53,10 +50,6 @@ class Method:
     def min_rho(self) -> float:
         """Smallest EVA rho the method runs with (its initializer's)."""
         return self.initializer.min_rho
-
-    def configure(self, config: FinetuneConfig) -> FinetuneConfig:
-        """The run's ``config`` with the method's own `settings`."""
-        return config.replace(**dict(self.settings)) if self.settings else config
 
     def adapter_config(self, rank: int, alpha: float, **kwargs) -> AdapterConfig:
         """The `AdapterConfig` of one task's adapter (not used for `fft`)."""
@@ -103,6 +96,12 @@ for _method in (
            "mean removed before the SVD", settings=(("eva_center", "token_type"),)),
     Method("eva_lora_norm", "lora", EvaInit(), description="ablation: EVA's directions with "
            "LoRA's row norm", settings=(("eva_row_norm", "lora"),)),
+    Method("corda_ipm", "lora", CordaInit("ipm"), description="CorDA IPM: A, B from the top "
+           "r components of W times the task's input covariance; residual W in an offset"),
+    Method("corda_kpm", "lora", CordaInit("kpm"), description="CorDA KPM: the smallest r "
+           "components (knowledge-preserved); residual W in an offset"),
+    Method("lora_ga", "lora", LoraGaInit(), description="LoRA-GA: A, B from the SVD of the "
+           "task's loss gradient w.r.t. W; W - s B A in an offset"),
 ):
     register_method(_method)
 

@@ -125,7 +125,7 @@ def test_method_registry():
 
     assert list(METHODS) == ["fft", "lora", "dora", "pissa", "olora", "adalora", "eva",
                              "eva_dora", "eva_reverse", "eva_state", "eva_type_centered",
-                             "eva_lora_norm"]
+                             "eva_lora_norm", "corda_ipm", "corda_kpm", "lora_ga"]
     assert [m.name for m in parse_methods("lora, EVA,lora")] == ["lora", "eva"]
     assert get_method("eva_dora").adapter == "dora" and get_method("eva_dora").eva
     assert get_method("fft").is_full

@@ -51,6 +51,7 @@ def add_adapter(
     name: str,
     config: AdapterConfig,
     lora_A: Mapping[str, Tensor] | None = None,
+    lora_B: Mapping[str, Tensor] | None = None,
 ) -> list[str]:
     """Add adapter `name` to the layers `config` targets; returns the adapted paths.
 
@@ -60,6 +61,11 @@ def add_adapter(
     `target_modules` is not consulted and per-layer alpha comes from `alpha_pattern`.
     Layers already wrapped get one more adapter; nothing else on them changes. All
     non-adapter parameters of `model` are frozen and `name` becomes the active adapter.
+
+    With `lora_B` too ({path: B (out, r)}, the same paths and ranks; "given A and B", used
+    by CorDA and LoRA-GA), each layer starts from that A and B and keeps a frozen copy of
+    them as PiSSA's offset -s·B0 A0, so W_eff = W at init and the shared base weight stays
+    untouched; `config.method` must be "lora".
     """
     _check_name(name)
     if not isinstance(config, AdapterConfig):
@@ -75,6 +81,8 @@ def add_adapter(
         _check_patterns_used(config.rank_pattern, plan, "rank_pattern")
     else:
         plan = _given_a_plan(candidates, config, lora_A)
+    if lora_B is not None:
+        _check_given_b(candidates, config, lora_A, lora_B)
     _check_patterns_used(config.alpha_pattern, plan, "alpha_pattern")
     variant = VARIANTS[config.method]
     for path, (rank, _) in plan.items():
@@ -86,7 +94,12 @@ def add_adapter(
 
     for path, (rank, a) in plan.items():
         layer = _wrap(model, path, candidates[path])
-        layer.add(name, config, rank, config.alpha_for(path), lora_A=a, path=path)
+        tensors = None
+        if lora_B is not None and rank > 0:  # `add` clones each: A0, B0 are copies
+            b = lora_B[path]
+            tensors = {"lora_A": a, "lora_B": b, "lora_offset_A": a, "lora_offset_B": b}
+        layer.add(name, config, rank, config.alpha_for(path), lora_A=a, tensors=tensors,
+                  path=path)
     set_active_adapter(model, name)
     n_zero = sum(r == 0 for r, _ in plan.values())
     logger.info(
@@ -246,6 +259,28 @@ def _given_a_plan(
             )
     # model order, so the returned paths and saved files do not depend on dict order
     return {p: (lora_A[p].shape[0], lora_A[p]) for p in candidates if p in lora_A}
+
+
+def _check_given_b(
+    candidates: Mapping[str, nn.Module], config: AdapterConfig,
+    lora_A: Mapping[str, Tensor] | None, lora_B: Mapping[str, Tensor],
+) -> None:
+    """`lora_B` fits the given `lora_A` (checked already): same paths, (out, rank) shapes."""
+    if lora_A is None:
+        raise ValueError("lora_B needs lora_A: give both (A, B with an offset) or only lora_A")
+    if config.method != "lora":
+        raise ValueError(f"a given lora_A and lora_B (with offset) work with method 'lora', "
+                         f"not {config.method!r}")
+    if set(lora_B) != set(lora_A):
+        raise ValueError(f"lora_A and lora_B name different layers: "
+                         f"{sorted(set(lora_A) ^ set(lora_B))}")
+    for path, b in lora_B.items():
+        shape = (candidates[path].out_features, lora_A[path].shape[0])
+        if not isinstance(b, Tensor) or tuple(b.shape) != shape:
+            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"lora_B[{path!r}] must be a {shape} tensor, got {got}")
+        if not torch.isfinite(b).all():
+            raise ValueError(f"lora_B[{path!r}] has non-finite values")
 
 
 def _check_patterns_used(patterns: Mapping[str, object], plan: Mapping[str, object], what: str):

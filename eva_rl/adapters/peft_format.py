@@ -7,9 +7,11 @@ A PEFT adapter directory holds `adapter_config.json` (a `LoraConfig` / `AdaLoraC
 
 - LoRA, DoRA and EVA adapters export as they are (EVA: `init_lora_weights="eva"` and an
   `eva_config`; its per-layer ranks and alphas as `rank_pattern` / `alpha_pattern`).
-- PiSSA / OLoRA keep a frozen offset -s·B0 A0 inside the adapter. PEFT has no such term
-  (it edits the base weight instead), so they export as the exactly equivalent rank-2r
-  LoRA  s'·[B, -B0] [A; A0]  with s' = s, i.e. alpha' = 2·alpha (rsLoRA: sqrt(2)·alpha).
+- PiSSA / OLoRA, and LoRA given A and B (CorDA, LoRA-GA), keep a frozen offset -s·B0 A0
+  inside the adapter. PEFT has no such term (it edits the base weight instead), so they
+  export as the exactly equivalent rank-2r LoRA  s'·[B, -B0] [A; A0]  with s' = s, i.e.
+  alpha' = 2·alpha (rsLoRA: sqrt(2)·alpha): what PEFT's own conversion of such adapters
+  (``path_initial_model_for_weight_conversion``) writes.
 - AdaLoRA exports as PEFT's `save_pretrained` writes it: the pruned triplets (Λ = 0) are
   dropped from the tensors and `rank_pattern` holds each layer's mask of kept triplets
   (`<path>.lora_E`: [bool] x init_r). PEFT scales by `lora_alpha / (ranknum + 1e-5)` with
@@ -116,6 +118,7 @@ def export_peft(
     *,
     eva: Mapping[str, Any] | Any | None = None,
     adalora: AdaLoraSchedule | Mapping[str, Any] | None = None,
+    init: Mapping[str, Any] | None = None,
     base_model: str | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -128,6 +131,8 @@ def export_peft(
     `adalora` adapter needs `adalora`, its `AdaLoraSchedule` (or `to_dict()`): PEFT's
     `AdaLoraConfig` requires `total_step`, `target_r`, ... Rank-0 layers are not targeted.
     `base_model` goes into PEFT's `base_model_name_or_path` (e.g. the pretraining run).
+    `init` ({"kind": "corda", ...settings}) names the data-driven initialisation of a LoRA
+    given A and B; it goes into `eva_rl_export.json` only (the offset is folded in).
     An existing non-empty `directory` needs `overwrite`.
     """
     _check_exists(model, adapter_name)
@@ -157,6 +162,8 @@ def export_peft(
             raise ValueError(f"adalora= (an AdaLoRA schedule) is for adalora adapters; "
                              f"{adapter_name!r} is {method!r}")
         tensors, peft_config, provenance = _lora_export(live, adapter_name, method, eva)
+        if init is not None:
+            provenance.update(kind=str(init.get("kind", method)), init=dict(init))
     peft_config["base_model_name_or_path"] = base_model
     provenance = {"format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION,
                   "adapter": adapter_name, **provenance, "torch_version": torch.__version__}
@@ -180,6 +187,7 @@ def _lora_export(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     config = next(iter(layers.values())).configs[name]
+    folded = any(name in layer.lora_offset_A for layer in layers.values())
     for path, layer in layers.items():
         layer_tensors, ranks[path], alphas[path] = _peft_tensors(layer, name, config)
         for key, t in layer_tensors.items():
@@ -188,7 +196,7 @@ def _lora_export(
         "kind": "eva" if eva_dict is not None else method, "method": method,
         "exported_as": (
             "rank-2r LoRA: A' = [A; A0], B' = [B, -B0] (the frozen offset folded in), "
-            "alpha' chosen so that alpha'/rank' keeps the scale" if method in OFFSET_METHODS
+            "alpha' chosen so that alpha'/rank' keeps the scale" if folded
             else ("DoRA" if method == "dora" else "LoRA")),
         "eva_config": eva_dict, "adapter_config": config.to_dict(),
         "layers": {p: {"rank": r, "alpha": alphas[p]} for p, r in ranks.items()},
@@ -215,7 +223,7 @@ def _peft_tensors(
     """PEFT's tensors of one layer (suffix -> tensor), its PEFT rank and alpha."""
     t = layer.adapter_tensors(name)
     rank, alpha = layer.ranks[name], layer.alphas[name]
-    if layer.methods[name] in OFFSET_METHODS:
+    if "lora_offset_A" in t:  # PiSSA, OLoRA; LoRA given A and B (CorDA, LoRA-GA)
         # s·(B A - B0 A0) = s·[B, -B0] [A; A0]: rank 2r with the same scale s
         a = torch.cat([t["lora_A"], t["lora_offset_A"]])
         b = torch.cat([t["lora_B"], -t["lora_offset_B"]], dim=1)

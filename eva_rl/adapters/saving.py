@@ -174,7 +174,9 @@ def _check_tensors(
             expected["lora_magnitude_vector"] = (n_out,)
         if method == "adalora":
             expected["lora_E"] = (r, 1)
-        if method in ("pissa", "olora"):
+        # a LoRA given A and B (CorDA, LoRA-GA) keeps PiSSA's offset too
+        if method in ("pissa", "olora") or (
+                method == "lora" and any(k.startswith("lora_offset_") for k in found)):
             expected.update(lora_offset_A=(r, n_in), lora_offset_B=(n_out, r))
     got = {k: tuple(t.shape) for k, t in found.items()}
     if got != expected:
