@@ -179,6 +179,9 @@ _PR_SET_PDEATHSIG = 1
 def _init_worker(q, uses_torch: bool, parent_pid: int) -> None:
     global _progress_queue
     die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the parent stops the workers (no traceback
+    # from each of them)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _progress_queue = q
     if uses_torch:  # SAC: one torch thread per worker process, or they fight for cores
         import torch
@@ -286,11 +289,26 @@ def _run_pool(pending, collector, n_episodes, out, seed, workers, bar) -> dict[s
         _drain(q, bar)
     except BaseException as err:
         # on a worker's error let the running tasks finish (their datasets are kept);
-        # on Ctrl-C leave at once
+        # on Ctrl-C / SIGTERM stop the workers now, before the caller releases the lock
+        if isinstance(err, KeyboardInterrupt):
+            _stop_workers(pool, [out / t for t in pending if t not in done])
         pool.shutdown(wait=not isinstance(err, KeyboardInterrupt), cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return done
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor, unfinished: list[Path]) -> None:
+    """Terminate the pool's workers, wait for them, and remove the temporary directories
+    of the datasets they were writing."""
+    # Python < 3.14 has no public ProcessPoolExecutor.terminate_workers()
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+    for path in unfinished:
+        remove_temp_dirs(path)
 
 
 def _drain(q, bar) -> int:

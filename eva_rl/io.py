@@ -2,9 +2,10 @@
 
 Every file and directory eva-rl writes goes to a temporary sibling name
 (``.<name>.tmp-<pid>-<hex>``), is fsynced and renamed into place, so an interrupted write
-never leaves a complete-looking file. JSON metadata files carry ``"format"`` and a version
-key and are read back with :func:`read_versioned_json`, which names the file and the
-problem in its error.
+never leaves a complete-looking file. A write that fails for want of disk space raises
+``OSError(ENOSPC)`` naming the file, whichever library wrote it (:func:`os_error_of`).
+JSON metadata files carry ``"format"`` and a version key and are read back with
+:func:`read_versioned_json`, which names the file and the problem in its error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -54,6 +56,54 @@ def to_json_safe(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- writing
 
+LOW_SPACE_BYTES = 1 << 20
+"""Free space below which a failed write is taken for a full disk (`os_error_of`)."""
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors: "... (os error 28)"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes this process may still write on the filesystem of ``path`` (its nearest
+    existing ancestor), or None if unknown."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def os_error_of(err: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The ``OSError`` (naming ``path``) behind a failed write of ``path``, or None.
+
+    Libraries report a full disk in their own ways: safetensors as ``SafetensorError``
+    "... No space left on device (os error 28)", ``torch.save`` as a ``RuntimeError``
+    ("unexpected pos ...") and ``numpy.save`` as an ``OSError`` without errno ("N requested
+    and M written"). Besides an ``OSError`` with an errno and the Rust error code, a
+    filesystem with less than `LOW_SPACE_BYTES` left (checked while the partial file still
+    exists) is taken to be the cause."""
+    if isinstance(err, OSError) and err.errno is not None:
+        if err.filename is None:  # OSError(errno, ...) is the errno's subclass
+            return OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))
+        return err
+    found = _RUST_OS_ERROR.search(str(err))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    free = free_bytes(Path(path).parent)
+    if free is not None and free < LOW_SPACE_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+def _raise_as_os_error(err: Exception, path: str | os.PathLike) -> None:
+    """Raise `os_error_of` ``err`` (chained to it) if there is one; else return."""
+    cause = os_error_of(err, path)
+    if cause is not None and cause is not err:
+        raise cause from err
+
 
 def temp_sibling(path: str | os.PathLike, marker: str = TMP_MARKER) -> Path:
     """A fresh hidden name beside ``path``: ``.<name><marker><pid>-<hex>``."""
@@ -78,16 +128,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def write_synced(file: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
     """Open ``file`` for binary writing, call ``write(f)``, then flush and fsync it."""
-    with open(file, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(file, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as err:
+        _raise_as_os_error(err, file)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a sibling temporary name, fsync it, rename it to ``path``.
 
-    The parent directory is created if needed; the temporary file is removed on error.
+    The parent directory is created if needed; the temporary file is removed on error. A
+    library's failure for want of space becomes ``OSError`` naming ``path`` (`os_error_of`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +151,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        _raise_as_os_error(err, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -140,7 +198,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
     ``with atomic_dir(path) as tmp:`` yields the new, empty temporary directory; when the
     block ends without error it is fsynced and renamed into place (an existing ``path`` is
-    replaced only with ``overwrite``, see :func:`replace_dir`); on error it is deleted.
+    replaced only with ``overwrite``, see :func:`replace_dir`); on error it is deleted (a
+    library's failure for want of space then becomes ``OSError`` naming ``path``).
     """
     path = Path(path)
     tmp = temp_sibling(path)
@@ -152,9 +211,23 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             replace_dir(tmp, path)
         else:
             os.rename(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        cause = os_error_of(err, path) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if cause is not None:
+            cause = _named_after(cause, tmp, path)
+        if cause is not None and cause is not err:
+            raise cause from err
         raise
+
+
+def _named_after(err: OSError, tmp: Path, path: Path) -> OSError:
+    """A full-disk ``err`` about a file in the temporary directory ``tmp`` (removed by now)
+    as one about that file's place in ``path``."""
+    name = str(err.filename or "")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and name.startswith(f"{tmp}{os.sep}"):
+        return OSError(err.errno, err.strerror, str(path) + name[len(str(tmp)):])
+    return err
 
 
 def move_aside(path: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ import sys
 import time
 
 from agents.peft_export import export_run_adapters
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 
 from script_cli import ScriptParser, script_main
 
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="export root: OUT/<method>/seed_<s>/<task>/")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the exports in an existing non-empty OUT/<method>/seed_<s>")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     return p.parse_args(argv)
 
 
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    set_threads(args.threads)
     t0 = time.perf_counter()
     written = export_run_adapters(args.run, args.method, args.seed, args.out,
                                   tasks=args.tasks, overwrite=args.overwrite)

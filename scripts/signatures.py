@@ -6,7 +6,7 @@ for a run made before signatures existed or with another `--rank` (components pe
 default the run's ``signature_rank``, i.e. its adapter rank). Signatures that exist are
 kept unless `--force` (each then replaced in place, tensors and JSON written atomically).
 
-Example (the README's routing figures at the bench tier):
+Example (the routing figures at the bench tier, docs/benchmarks.md):
     python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 24 --force
     python scripts/evaluate.py --run runs/bench/single --method eva --seed-run 2 \
         --tasks CW10 --routing eva --out r.json
@@ -18,9 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from agents.finetuned import write_signatures
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 
 from script_cli import ScriptParser, script_main
 
@@ -34,14 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None,
                    help="components per layer (default: the run's signature rank)")
     p.add_argument("--force", action="store_true", help="replace existing signatures")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     args = p.parse_args(argv)
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     written = write_signatures(args.run, args.method, args.seed, rank=args.rank,
                                force=args.force, device="cpu")
     print(f"wrote {len(written)} signatures")

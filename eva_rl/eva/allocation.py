@@ -10,7 +10,7 @@ layer that comes first in `ratios`' order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,31 @@ def allocate_ranks(
     order = torch.sort(values if reverse else -values, stable=True).indices[:budget]
     counts = torch.bincount(owner[order], minlength=len(names))
     return {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
+
+
+def max_rank(widths: Sequence[int], rho: float) -> int:
+    """The largest rank ``r`` whose budget ``len(widths) * r`` layers of these input
+    ``widths`` can fill at ``rho`` (each computes ``min(round(r * rho), width)``
+    components); 0 for no layers."""
+    n = len(widths)
+    for r in range(sum(widths) // n if n else 0, 0, -1):
+        if sum(min(round(r * rho), w) for w in widths) >= n * r:
+            return r
+    return 0
+
+
+def check_rank_possible(rank: int, rho: float, widths: Sequence[int]) -> None:
+    """``ValueError`` naming the largest possible rank unless layers of input ``widths``
+    can hold ``rank`` at ``rho`` (a rank above a layer's width has no components to fill)."""
+    best = max_rank(widths, rho)
+    if rank <= best:
+        return
+    cap = sum(widths) // len(widths)  # every component of every layer: any rho
+    hint = f", or raise rho (up to rank {cap})" if cap > best else ""
+    raise ValueError(
+        f"rank {rank} is larger than possible: the {len(widths)} layers (input widths "
+        f"{min(widths)}..{max(widths)}) allow at most rank {best} at rho {rho:g}; lower the "
+        f"rank{hint}")
 
 
 def rescale_alpha(alpha: float, new_rank: int, rank: int) -> float:
