@@ -31,6 +31,7 @@ from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.methods import Method
 from agents.routing import RouterConfig, load_signature, save_signature, task_signature
+from agents.runs import TaskRecord
 from eva_rl.adapters import (
     AdaLoraAllocator,
     AdaLoraSchedule,
@@ -147,7 +148,8 @@ class FinetuneConfig:
     Transformer's smaller action loss)."""
     routing: str = "oracle"
     """``sequential``: how every evaluation after a task picks adapters among those trained
-    so far: ``oracle`` (told the task), ``eva``, ``obs`` or ``embedding`` (`agents.routing`)."""
+    so far: ``oracle`` (told the task), ``eva``, ``obs``, ``embedding`` or ``arrow``
+    (`agents.routing`)."""
     routing_after: int = 5
     """Observations of an episode seen before the router decides (the base model acts
     until then)."""
@@ -508,10 +510,10 @@ def finetune_task(
     index: int = 0,
     hook: TaskHook | None = None,
     eval_slot: int | None = None,
-) -> dict[str, Any]:
+) -> TaskRecord:
     """Fine-tune ``agent.model`` on ``task`` in place and return the task's record.
 
-    The record (see `agents.reports`) has success / mean return on the task after training,
+    The record (`agents.runs.TaskRecord`) has success / mean return on the task after training,
     the success curve measured during training and its AUC, trainable parameters, time
     split (EVA init, training, evaluation), the first update's gradient norm, the loss
     curve and EVA's ranks. ``hook(task, step)`` runs before every update (e.g. to stop a
@@ -569,33 +571,33 @@ def finetune_task(
     agent.model.eval()
     # wall time of this call: a resumed task counts only the time after resuming
     total = time.perf_counter() - t_start
-    return {
-        "task": task,
-        "index": index,
-        "method": method.name,
-        "seed": seed,
-        "success": float(final[1]),
-        "final_episodes": config.final_episodes,
-        "mean_return": float(final[2]),
-        "target_return": agent.target_return(task),
-        "trainable_params": int(trainable),
-        "finetune_seconds": total,
-        "train_seconds": train_wall,
-        "eval_seconds": curve_cb.eval_seconds,
-        "eva_seconds": eva_seconds,
-        "eva_share": min(eva_seconds / total, 1.0) if total > 0 else 0.0,
-        "signature_seconds": signature_seconds,
+    return TaskRecord(
+        task=task,
+        index=index,
+        method=method.name,
+        seed=seed,
+        success=float(final[1]),
+        final_episodes=config.final_episodes,
+        mean_return=float(final[2]),
+        target_return=agent.target_return(task),
+        trainable_params=int(trainable),
+        finetune_seconds=total,
+        train_seconds=train_wall,
+        eval_seconds=curve_cb.eval_seconds,
+        eva_seconds=eva_seconds,
+        eva_share=min(eva_seconds / total, 1.0) if total > 0 else 0.0,
+        signature_seconds=signature_seconds,
         # the process's peak so far (a Ray worker's covers the cells it ran before)
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "first_grad_norm": float(history[0][2]) if history else None,
-        "loss_curve": loss_curve(history, config.train.log_every),
-        "success_curve": {"steps": curve[:, 0].astype(int).tolist(),
-                          "success": curve[:, 1].tolist(), "return": curve[:, 2].tolist()},
-        "auc": success_auc(curve[:, 1], curve[:, 0]) if len(curve) > 1 else float(curve[0, 1]),
-        "eva_ranks": ranks,
-        "adalora_ranks": None if allocator is None else allocator.ranks(),
-        "eva": None if eva_result is None else {
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        first_grad_norm=float(history[0][2]) if history else None,
+        loss_curve=loss_curve(history, config.train.log_every),
+        success_curve={"steps": curve[:, 0].astype(int).tolist(),
+                       "success": curve[:, 1].tolist(), "return": curve[:, 2].tolist()},
+        auc=success_auc(curve[:, 1], curve[:, 0]) if len(curve) > 1 else float(curve[0, 1]),
+        eva_ranks=ranks,
+        adalora_ranks=None if allocator is None else allocator.ranks(),
+        eva=None if eva_result is None else {
             "batches_used": eva_result.batches_used, "stop_reason": eva_result.stop_reason,
             "seconds": eva_result.seconds, "rho": eva_result.config.rho},
-    }
+    )
 

@@ -16,18 +16,12 @@ from pathlib import Path
 
 from agents.dt_agent import DTAgent
 from agents.finetune import FinetuneConfig
+from agents.initializers import saved_init_result
 from agents.methods import get_method
-from agents.protocols import (
-    EXPERIMENT_FORMAT,
-    EXPERIMENT_VERSION,
-    read_record,
-    run_dir_of,
-    task_dir_of,
-)
+from agents.runs import read_experiment, read_record, run_dir_of, task_dir_of
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, export_peft, load_adapter
 from eva_rl.eva import EvaResult
-from eva_rl.io import read_versioned_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +43,7 @@ def export_run_adapters(
     Bad input raises ``ValueError`` / ``FileExistsError`` / ``FileNotFoundError`` with one line.
     """
     run, out = Path(run), Path(out)
-    exp = read_versioned_json(run / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION,
-                              "fine-tuning run config")["experiment"]
+    exp = read_experiment(run)
     m = get_method(method)
     if m.name not in exp["methods"]:
         raise ValueError(f"{run} has no method {m.name!r}; it ran {', '.join(exp['methods'])}")
@@ -75,9 +68,9 @@ def export_run_adapters(
         raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace "
                               "its exports")
 
-    model = DTAgent.load(exp["pretrained"], device="cpu").model
+    model = DTAgent.load(exp["pretrained"], device="cpu", threads=None).model
     # AdaLoRA: the run's budget schedule goes into PEFT's AdaLoraConfig
-    schedule = (FinetuneConfig.from_dict(exp["config"]).adalora_schedule()
+    schedule = (FinetuneConfig.from_dict(exp["config"]).for_method(m).adalora_schedule()
                 if m.adapter == "adalora" else None)
     written: dict[str, Path] = {}
     for task, tdir in task_dirs.items():
@@ -85,8 +78,11 @@ def export_run_adapters(
             raise FileNotFoundError(f"{tdir / 'adapter'} is missing")
         load_adapter(model, tdir / "adapter", name=task)
         eva = EvaResult.load(tdir / "eva").config if m.eva else None
+        init = saved_init_result(m.initializer, tdir)  # CorDA / LoRA-GA: provenance only
         written[task] = export_peft(model, task, dest / task, eva=eva, adalora=schedule,
-                                    base_model=exp["pretrained"], overwrite=overwrite)
+                                    base_model=exp["pretrained"], overwrite=overwrite,
+                                    init=None if init is None else {"kind": m.name,
+                                                                    **init.config})
         delete_adapter(model, task)
     logger.info("exported %d %s adapters (seed %d) to %s", len(written), m.name, seed, dest)
     return written

@@ -7,31 +7,22 @@
   task identity selects the adapter at evaluation; ``fft`` trains one model through the
   sequence. After each task every task is evaluated: row ``i`` of the success matrix.
 
-Run directory::
-
-    OUT/config.json                                   the experiment (checked on --resume)
-    OUT/runs/<method>/seed_<s>/<ii>_<task>/record.json  written last: the task is finished
-                                                      (checksummed: `write_record`)
-                                          .../train/  the Trainer's checkpoints + tensorboard
-                                          .../eva/    the EVA result (reused on resume)
-                                          .../adapter/ or model.safetensors (sequential fft)
-    OUT/results.json, results.csv, report.md, plots/, tb/
+The run directory, its task records and their reading and writing: `agents.runs`.
 
 An experiment is a list of independent *cells* (`Cell`): ``(method, seed, task)`` under
 ``single``, ``(method, seed)`` (the whole chain) under ``sequential``. `run_cell` runs one
 and writes only its directory; an executor (`agents.executors`: here, or on Ray) decides
-where cells run, and the driver (`run_experiment`) writes ``results.json`` and the report
-from what the cells wrote. Running a cell again (a resume, or Ray's retry after its worker
-died) reads back its finished tasks (adapters / weights reloaded) and continues a task in
-progress from its latest Trainer checkpoint; the result equals an uninterrupted run's on
-the CPU, whichever executor ran it.
+where cells run, and the driver (`run_experiment`) folds each finished cell's records into
+``results.json`` and writes the report. Running a cell again (a resume, or Ray's retry
+after its worker died) reads back its finished tasks (adapters / weights reloaded) and
+continues a task in progress from its latest Trainer checkpoint; the result equals an
+uninterrupted run's on the CPU, whichever executor ran it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import socket
@@ -45,22 +36,22 @@ from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
 from agents.methods import Method, get_method, parse_methods
-from agents.reports.results import empty_results, write_json
 from agents.routing import SIGNATURE_DIR, load_signature, routing_summary
+from agents.runs import (
+    RunResults,
+    check_same_experiment,
+    prepare_run_dir,
+    read_record,
+    run_dir_of,
+    task_dir_of,
+    write_record,
+)
 from envs import resolve_tasks
 from eva_rl.adapters import delete_adapter, load_adapter, save_adapter
 from eva_rl.data import TrajectoryDataset, open_datasets
-from eva_rl.io import (
-    CHECKSUM_KEY,
-    move_aside,
-    read_versioned_json,
-    verify_checked_json,
-    write_checked_json,
-)
-from eva_rl.killpoints import kill_point
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.progress import progress_bar
-from eva_rl.runlock import RunLock, carry_lock, is_empty_dir
+from eva_rl.runlock import RunLock
 from eva_rl.training import (
     WEIGHTS_FILE,
     default_target_return,
@@ -76,11 +67,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("single", "sequential")
-EXPERIMENT_FORMAT = "eva-rl-finetune"
-EXPERIMENT_VERSION = 2  # 2: the trainer settings under config.train
-RECORD_FILE = "record.json"
-# settings that may differ between an interrupted run and its resumption
-_RESUMABLE = {"progress", "device"}
 
 
 @dataclass
@@ -164,103 +150,7 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     return datasets
 
 
-def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = False,
-                    overwrite: bool = False) -> Path | None:
-    """Create (or check, with ``resume``) the run directory; returns where an old run moved.
-
-    An existing non-empty directory needs ``resume`` (same settings) or ``overwrite``,
-    which moves the old run aside to ``OUT.old-<UTC time>`` (nothing is deleted; a
-    `RunLock` this process holds on ``OUT`` stays on ``OUT``)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    moved = None
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    occupied = out.is_dir() and not is_empty_dir(out)
-    if occupied and resume:
-        check_same_experiment(out, exp)
-        return None
-    if occupied and not overwrite:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
-                              "--overwrite to move it aside and start again")
-    if resume and not occupied:
-        logger.info("%s holds no run yet: starting one", out)
-    if occupied:
-        moved = move_aside(out)
-        out.mkdir(parents=True)
-        carry_lock(moved, out)
-        logger.warning("moved the existing run %s aside to %s", out, moved)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"format": EXPERIMENT_FORMAT, "version": EXPERIMENT_VERSION,
-                                     "experiment": exp.to_dict()})
-    kill_point("finetune.config_written")
-    return moved
-
-
-def experiment_differences(old: Mapping[str, Any], new: Mapping[str, Any],
-                           prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every setting (nested ones dotted) that a resume may not
-    change (everything but ``progress`` and ``device``)."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs += experiment_differences(a, b, f"{prefix}{key}.")
-        elif key not in _RESUMABLE and a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-def check_same_experiment(out: Path, exp: Experiment) -> None:
-    """``--resume`` must continue the same experiment: a one-line error naming differences."""
-    saved = read_versioned_json(
-        out / "config.json", EXPERIMENT_FORMAT, EXPERIMENT_VERSION, "fine-tuning run config"
-    )
-    diffs = experiment_differences(saved["experiment"], exp.to_dict())
-    if diffs:
-        raise ValueError(f"{out} was started with other settings ({'; '.join(diffs)}); "
-                         "resume with the same options or use --overwrite / a new --out")
-
-
 # ------------------------------------------------------------------------------ running
-
-
-def run_dir_of(out: Path, method: str, seed: int) -> Path:
-    """Where one (method, seed) run keeps its tasks."""
-    return out / "runs" / method / f"seed_{seed}"
-
-
-def task_dir_of(run_dir: Path, index: int, task: str) -> Path:
-    """Directory of task ``index`` of a run."""
-    return run_dir / f"{index:02d}_{task}"
-
-
-def read_record(task_dir: Path) -> dict[str, Any] | None:
-    """The finished task's record, or None if the task has not finished.
-
-    A record that is not JSON, or was changed after `write_record` wrote it (its checksum
-    differs), is a ``ValueError`` naming the file."""
-    path = task_dir / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: corrupt task record, cannot read it ({err})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: corrupt task record (not a JSON object)")
-    verify_checked_json(path, record, "task record")
-    record.pop(CHECKSUM_KEY)
-    return record
-
-
-def write_record(task_dir: Path, record: Mapping[str, Any]) -> Path:
-    """Write a finished task's ``record.json`` (atomically, with its content checksum);
-    written last, it marks the task finished."""
-    path = write_checked_json(task_dir / RECORD_FILE, record)
-    kill_point("finetune.record_written")
-    return path
 
 
 @dataclass(frozen=True)
@@ -272,6 +162,10 @@ class Cell:
     method: str
     seed: int
     task_index: int | None = None
+
+    def indices(self, exp: Experiment) -> range | list[int]:
+        """The task indices the cell trains."""
+        return range(len(exp.tasks)) if self.task_index is None else [self.task_index]
 
     def label(self, exp: Experiment) -> str:
         """``lora seed 0 hammer-v3`` (or without the task for a whole chain)."""
@@ -298,8 +192,8 @@ def cell_dir(out: str | os.PathLike, exp: Experiment, cell: Cell) -> Path:
 def cell_finished(out: str | os.PathLike, exp: Experiment, cell: Cell) -> bool:
     """Whether every task of ``cell`` has its record."""
     run = run_dir_of(Path(out), cell.method, cell.seed)
-    indices = range(len(exp.tasks)) if cell.task_index is None else [cell.task_index]
-    return all(read_record(task_dir_of(run, i, exp.tasks[i])) is not None for i in indices)
+    return all(read_record(task_dir_of(run, i, exp.tasks[i])) is not None
+               for i in cell.indices(exp))
 
 
 class RunDirNotVisible(ValueError):
@@ -368,28 +262,33 @@ def _run_experiment(exp: Experiment, out: str | os.PathLike, resume: bool = Fals
     check_inputs(exp)
     executor.check()  # e.g. the Ray cluster and its resources, before anything is written
     prepare_run_dir(out, exp, resume=resume, overwrite=overwrite)
+    results = RunResults(out, exp)
     cells = experiment_cells(exp)
-    pending = [c for c in cells if not cell_finished(out, exp, c)]
+    pending = [c for c in cells if not results.finished(c.method, c.seed, c.indices(exp))]
     bar = progress_bar(total=len(cells), initial=len(cells) - len(pending), unit="cell",
                        desc=f"{exp.protocol} cells", disable=not exp.config.train.progress)
+    if not executor.in_process:  # the driver shows the cells' bar, not each worker
+        exp = dataclasses.replace(exp, config=exp.config.replace(progress=False))
+    work = functools.partial(run_cell, exp, out, hook=hook)
     with bar:
-        for cell in executor.run(exp, out, pending, hook):
+        for cell in executor.run(work, pending, label=functools.partial(Cell.label, exp=exp)):
             bar.update(1)
             bar.set_postfix_str(cell.label(exp))
-            write_json(out / "results.json", collect_results(out, exp))
-    results = collect_results(out, exp)
+            results.fold(cell.method, cell.seed, cell.indices(exp))
+            results.write()
     if report:
         from agents.reports import write_report  # matplotlib: the driver's, not each cell's
 
-        write_report(results, out)  # results.json included
+        write_report(results.to_dict(), out)  # results.json included
     elif not pending:  # nothing ran: the loop above wrote nothing yet
-        write_json(out / "results.json", results)
-    return results
+        results.write()
+    return results.to_dict()
 
 
 def load_agent(exp: Experiment, datasets: Mapping[str, TrajectoryDataset]) -> DTAgent:
     """The pretrained agent, with a target return for every task (its dataset's maximum)."""
-    agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.train.device))
+    agent = DTAgent.load(exp.pretrained, device=resolve_device(exp.config.train.device),
+                          threads=None)
     for task, ds in datasets.items():
         agent.target_returns.setdefault(task, default_target_return(ds))
     return agent
@@ -448,19 +347,21 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
             row = cached_row(row_eval, unique, row_cache)
         else:
             row = row_eval(unique, routing=routing.router)
-        record["success_row"] = [row[t]["success_rate"] for t in exp.tasks]
-        record["return_row"] = [row[t]["mean_return"] for t in exp.tasks]
-        record["row_eval_seconds"] = time.perf_counter() - t0
+        record = record.replace(
+            success_row=[row[t]["success_rate"] for t in exp.tasks],
+            return_row=[row[t]["mean_return"] for t in exp.tasks],
+            row_eval_seconds=time.perf_counter() - t0)
         if routing.router != "oracle":
             t1 = time.perf_counter()
             oracle = row_eval(unique, routing="oracle")
             summary = routing_summary(row, agent.adapter_names)
-            record["oracle_success_row"] = [oracle[t]["success_rate"] for t in exp.tasks]
-            record["oracle_row_eval_seconds"] = time.perf_counter() - t1
-            record["routing"] = {"router": routing.router, "decide_after": routing.decide_after,
-                                 "redecide": routing.redecide,
-                                 "accuracy_row": [summary["per_task"][t] for t in exp.tasks],
-                                 **summary}
+            record = record.replace(
+                oracle_success_row=[oracle[t]["success_rate"] for t in exp.tasks],
+                oracle_row_eval_seconds=time.perf_counter() - t1,
+                routing={"router": routing.router, "decide_after": routing.decide_after,
+                         "redecide": routing.redecide,
+                         "accuracy_row": [summary["per_task"][t] for t in exp.tasks],
+                         **summary})
         write_record(tdir, record)
 
 
@@ -506,28 +407,7 @@ def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> Non
 
 def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:
     """The results dict (see `agents.reports`) from the finished task records on disk."""
-    out = Path(out)
-    results = empty_results({"experiment": exp.to_dict()})
-    for method in exp.methods:
-        for seed in exp.seeds:
-            run = run_dir_of(out, method, seed)
-            records = []
-            for i, task in enumerate(exp.tasks):
-                rec = read_record(task_dir_of(run, i, task))
-                if rec is None:
-                    break
-                records.append(rec)
-            matrix = returns = None
-            if exp.protocol == "sequential":
-                matrix = [rec["success_row"] for rec in records]
-                returns = [rec["return_row"] for rec in records]
-            results["runs"].append({
-                "protocol": exp.protocol, "method": method, "seed": seed,
-                "pretrained": exp.pretrained, "tasks": list(exp.tasks), "per_task": records,
-                "success_matrix": matrix, "return_matrix": returns,
-                "config": exp.config.to_dict(),
-            })
-    return results
+    return RunResults(out, exp).to_dict()
 
 
 def parse_seeds(spec: str | Sequence[int]) -> tuple[int, ...]:

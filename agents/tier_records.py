@@ -15,13 +15,19 @@ no signature, and whoever recomputes them after an edit is not detected.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.protocols import experiment_differences, read_record, run_dir_of, task_dir_of
 from agents.reports.results import load_results
+from agents.runs import (
+    TaskRecord,
+    experiment_differences,
+    is_int,
+    read_record,
+    run_dir_of,
+    task_dir_of,
+)
 from eva_rl.io import content_sha256
 
 if TYPE_CHECKING:
@@ -31,17 +37,8 @@ logger = logging.getLogger(__name__)
 
 DIGESTS_KEY = "record_sha256"
 
-# what `agents.finetune.finetune_task` writes into every record ...
-_RECORD_KEYS = frozenset({
-    "task", "index", "method", "seed", "success", "final_episodes", "mean_return",
-    "target_return", "trainable_params", "finetune_seconds", "train_seconds", "eval_seconds",
-    "eva_seconds", "eva_share", "signature_seconds", "peak_rss_mib", "first_grad_norm",
-    "loss_curve", "success_curve", "auc", "eva_ranks", "adalora_ranks", "eva"})
-# ... and what `agents.protocols.run_sequential` adds (the last three: routed rows only)
+# what `agents.protocols.run_sequential` adds to every record of a chain
 _SEQUENTIAL_KEYS = frozenset({"success_row", "return_row", "row_eval_seconds"})
-_ROUTED_KEYS = frozenset({"oracle_success_row", "oracle_row_eval_seconds", "routing"})
-_SECONDS = ("finetune_seconds", "train_seconds", "eval_seconds", "eva_seconds",
-            "signature_seconds", "peak_rss_mib", "row_eval_seconds", "oracle_row_eval_seconds")
 
 
 def record_key(method: str, seed: int, index: int) -> str:
@@ -60,7 +57,7 @@ def record_digests(results: Mapping[str, Any], run_root: Path) -> dict[str, str]
                                rec["task"])
             saved = read_record(tdir)  # a record.json edited since it was written: refused
             digest = content_sha256(rec)
-            if saved is None or content_sha256(saved) != digest:
+            if saved is None or content_sha256(saved.to_dict()) != digest:
                 raise ValueError(
                     f"{run_root / 'results.json'}: the record of {run['method']} seed "
                     f"{run['seed']} {rec['task']} is not {tdir / 'record.json'}"
@@ -132,7 +129,7 @@ def _check_run(run: Any, exp: Experiment, tier_seeds: Sequence[int], where: str)
         raise ValueError(f"{where}: method {run.get('method')!r} is not one of the tier's "
                          f"{exp.protocol} methods ({', '.join(exp.methods)})")
     seed = run.get("seed")
-    if not _is_int(seed) or seed not in tier_seeds:
+    if not is_int(seed) or seed not in tier_seeds:
         raise ValueError(f"{where}: seed {seed!r} is not one of the tier's seeds "
                          f"({', '.join(map(str, tier_seeds))})")
     if run.get("tasks") != list(exp.tasks):
@@ -150,79 +147,32 @@ def _check_run(run: Any, exp: Experiment, tier_seeds: Sequence[int], where: str)
 
 
 def _check_record(rec: Any, run: dict[str, Any], exp: Experiment, where: str) -> None:
-    """One task record, as `finetune_task` (and `run_sequential`) write it."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: a task record is not an object")
-    index = rec.get("index")
-    if not _is_int(index) or not 0 <= index < len(exp.tasks):
+    """One task record: the schema (`TaskRecord.from_dict`) and its place in this tier."""
+    index = rec.get("index") if isinstance(rec, dict) else None
+    if isinstance(rec, dict) and not (is_int(index) and 0 <= index < len(exp.tasks)):
         raise ValueError(f"{where}: record index {index!r} is not a task index "
                          f"(0..{len(exp.tasks) - 1})")
-    if rec.get("task") != exp.tasks[index]:
-        raise ValueError(f"{where}: record {index} is of task {rec.get('task')!r}, but task "
-                         f"{index} is {exp.tasks[index]}")
-    where = f"{where} {exp.tasks[index]}"
-    keys = _RECORD_KEYS | (_SEQUENTIAL_KEYS if exp.protocol == "sequential" else set())
-    missing = sorted(keys - set(rec))
-    extra = sorted(set(rec) - keys - (_ROUTED_KEYS if exp.protocol == "sequential" else set()))
-    if missing or extra:
-        raise ValueError(f"{where}: not a task record as a cell writes it (missing: "
-                         f"{', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'})")
-    if rec["method"] != run["method"] or rec["seed"] != run["seed"]:
-        raise ValueError(f"{where}: the record names {rec['method']!r} seed {rec['seed']!r}, "
-                         "not its run's")
-    _number(rec, "success", where, 0.0, 1.0)
-    _number(rec, "auc", where, 0.0, 1.0)
-    _number(rec, "eva_share", where, 0.0, 1.0)
-    _number(rec, "mean_return", where)
-    _number(rec, "target_return", where)
-    for key in _SECONDS:
-        if key in rec:
-            _number(rec, key, where, 0.0)
-    if rec["first_grad_norm"] is not None:
-        _number(rec, "first_grad_norm", where, 0.0)
-    if rec["final_episodes"] != exp.config.final_episodes:
-        raise ValueError(f"{where}: final_episodes {rec['final_episodes']!r}, but the tier's "
-                         f"{exp.protocol} stage evaluates {exp.config.final_episodes}")
-    if not _is_int(rec["trainable_params"]) or rec["trainable_params"] < 1:
-        raise ValueError(f"{where}: trainable_params must be a positive integer, got "
-                         f"{rec['trainable_params']!r}")
-    _check_curves(rec, where)
-    for key in ("eva_ranks", "adalora_ranks", "eva", "routing"):
-        if rec.get(key) is not None and not isinstance(rec[key], dict):
-            raise ValueError(f"{where}: {key} must be an object or null")
+    record = TaskRecord.from_dict(rec, where)
+    if record.task != exp.tasks[record.index]:
+        raise ValueError(f"{where}: record {record.index} is of task {record.task!r}, but task "
+                         f"{record.index} is {exp.tasks[record.index]}")
+    where = f"{where} {record.task}"
     if exp.protocol == "sequential":
-        for key, hi in (("success_row", 1.0), ("return_row", None),
-                        ("oracle_success_row", 1.0)):
-            if key in rec:
-                _row(rec, key, len(exp.tasks), where, hi)
-
-
-def _check_curves(rec: dict[str, Any], where: str) -> None:
-    """``success_curve`` and ``loss_curve`` well formed; the record's success and mean
-    return are the curve's last point (as `finetune_task` takes them)."""
-    curve = rec["success_curve"]
-    if not (isinstance(curve, dict) and set(curve) == {"steps", "success", "return"}
-            and all(isinstance(curve[k], list) for k in curve)
-            and len(curve["steps"]) == len(curve["success"]) == len(curve["return"]) > 0):
-        raise ValueError(f"{where}: success_curve must hold equally long, non-empty lists "
-                         "steps, success and return")
-    _row(curve, "success", len(curve["steps"]), where, 1.0, "success_curve.")
-    _row(curve, "return", len(curve["steps"]), where, None, "success_curve.")
-    if not all(_is_int(s) and s >= 0 for s in curve["steps"]):
-        raise ValueError(f"{where}: success_curve.steps must be update counts")
-    if curve["success"][-1] != rec["success"] or curve["return"][-1] != rec["mean_return"]:
-        raise ValueError(f"{where}: success {rec['success']!r} / mean_return "
-                         f"{rec['mean_return']!r} are not the last point of its success curve "
-                         f"({curve['success'][-1]!r} / {curve['return'][-1]!r}): the record "
-                         "was edited")
-    loss = rec["loss_curve"]
-    if not (isinstance(loss, dict) and set(loss) == {"steps", "loss"}
-            and isinstance(loss["steps"], list) and isinstance(loss["loss"], list)
-            and len(loss["steps"]) == len(loss["loss"])
-            and all(_is_int(s) for s in loss["steps"])
-            and all(v is None or _is_finite(v) for v in loss["loss"])):
-        raise ValueError(f"{where}: loss_curve must hold equally long lists steps (integers) "
-                         "and loss (numbers)")
+        missing = sorted(k for k in _SEQUENTIAL_KEYS if rec.get(k) is None)
+        if missing:
+            raise ValueError(f"{where}: not a record of a sequential chain (missing: "
+                             f"{', '.join(missing)})")
+        for key in ("success_row", "return_row", "oracle_success_row"):
+            if rec.get(key) is not None and len(rec[key]) != len(exp.tasks):
+                raise ValueError(f"{where}: {key} must be a list of {len(exp.tasks)} numbers")
+    elif set(rec) & (_SEQUENTIAL_KEYS | {"routing"}):
+        raise ValueError(f"{where}: a single-task record with sequential rows")
+    if record.method != run["method"] or record.seed != run["seed"]:
+        raise ValueError(f"{where}: the record names {record.method!r} seed {record.seed!r}, "
+                         "not its run's")
+    if record.final_episodes != exp.config.final_episodes:
+        raise ValueError(f"{where}: final_episodes {record.final_episodes!r}, but the tier's "
+                         f"{exp.protocol} stage evaluates {exp.config.final_episodes}")
 
 
 def _check_matrices(run: dict[str, Any], where: str) -> None:
@@ -241,32 +191,3 @@ def _check_digest(rec: dict[str, Any], run: dict[str, Any], digests: Mapping[str
     if saved != content_sha256(rec):
         raise ValueError(f"{where} {rec['task']}: the record differs from its digest in "
                          f"{DIGESTS_KEY} (edited after publishing)")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _number(rec: Mapping[str, Any], key: str, where: str, lo: float | None = None,
-            hi: float | None = None, prefix: str = "") -> None:
-    value = rec[key]
-    if not _is_finite(value) or (lo is not None and value < lo) or (hi is not None
-                                                                    and value > hi):
-        bounds = ("" if lo is None and hi is None else
-                  f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}")
-        raise ValueError(f"{where}: {prefix}{key} must be a finite number{bounds}, "
-                         f"got {value!r}")
-
-
-def _row(rec: Mapping[str, Any], key: str, length: int, where: str, hi: float | None,
-         prefix: str = "") -> None:
-    values = rec[key]
-    if not isinstance(values, list) or len(values) != length:
-        raise ValueError(f"{where}: {prefix}{key} must be a list of {length} numbers")
-    for i, value in enumerate(values):
-        _number({f"{key}[{i}]": value}, f"{key}[{i}]", where, 0.0 if hi else None, hi, prefix)

@@ -373,15 +373,13 @@ def check_stage_dir(tier: Tier, root: str | Path, protocol: str) -> None:
     that the tier's stage could not continue: made by a tier run elsewhere (the
     experiment records the absolute paths of its data and pretrained model, so a copied
     or moved tier run does not continue) or with other settings."""
-    from agents.protocols import EXPERIMENT_FORMAT, EXPERIMENT_VERSION, experiment_differences
+    from agents.runs import experiment_differences, read_experiment
     from eva_rl.runlock import is_empty_dir
 
     exp, run_dir = stage_experiment(tier, root, protocol)
     if not run_dir.is_dir() or is_empty_dir(run_dir):
         return
-    saved = read_versioned_json(run_dir / "config.json", EXPERIMENT_FORMAT,
-                                EXPERIMENT_VERSION, "fine-tuning run config")
-    experiment = saved.get("experiment")
+    experiment = read_experiment(run_dir)
     diffs = experiment_differences(experiment if isinstance(experiment, dict) else {},
                                    exp.to_dict())
     if not diffs:
@@ -640,7 +638,14 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     ``root/costs.json``. Restored cells have a record only (no adapter or signature:
     routing and PEFT export need the cell rerun). Refused when ``root``'s pretrained model
     is not the published one (`check_same_base`)."""
-    from agents.protocols import prepare_run_dir, read_record, run_dir_of, task_dir_of, write_record
+    from agents.runs import (
+        TaskRecord,
+        prepare_run_dir,
+        read_record,
+        run_dir_of,
+        task_dir_of,
+        write_record,
+    )
 
     published = Path(published)
     records, total = check_restore_source(tier, published, protocol)
@@ -653,7 +658,7 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
         tdir = task_dir_of(run_dir_of(run_root, method, seed), rec["index"], rec["task"])
         if read_record(tdir) is None:
             tdir.mkdir(parents=True, exist_ok=True)
-            write_record(tdir, rec)
+            write_record(tdir, TaskRecord.from_dict(rec, f"{published}: {tdir.name}"))
             written += 1
     if written:
         carry_restored_costs(root, published, written / total, protocol)

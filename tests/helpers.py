@@ -104,3 +104,23 @@ def hidden(model, batch):
 def max_diff(a, b) -> float:
     """The largest absolute difference of two tensors."""
     return float((a - b).abs().max())
+
+
+def a_task_record(**changes):
+    """A well-formed `agents.runs.TaskRecord` of a finished single-task cell."""
+    from agents.runs import TaskRecord
+
+    fields = dict(
+        task="reach-v3", index=0, method="lora", seed=0, success=0.5, final_episodes=10,
+        mean_return=120.0, target_return=400.0, trainable_params=1000, finetune_seconds=3.0,
+        train_seconds=2.0, eval_seconds=1.0, eva_seconds=0.0, eva_share=0.0,
+        signature_seconds=0.1, peak_rss_mib=300.0, first_grad_norm=0.7,
+        loss_curve={"steps": [2, 4], "loss": [0.3, 0.2]},
+        success_curve={"steps": [0, 4], "success": [0.2, 0.5], "return": [80.0, 120.0]},
+        auc=0.35, eva_ranks=None, adalora_ranks=None, eva=None)
+    fields.update(changes)
+    if "success" in changes or "mean_return" in changes:  # the curve ends at the record's
+        curve = fields["success_curve"]
+        fields["success_curve"] = {**curve, "success": curve["success"][:-1] + [fields["success"]],
+                                   "return": curve["return"][:-1] + [fields["mean_return"]]}
+    return TaskRecord(**fields)

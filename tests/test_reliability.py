@@ -194,16 +194,27 @@ def test_checked_json_refuses_edits_and_garbage(tmp_path):
 
 
 def test_task_records_are_checksummed(tmp_path):
-    from agents.protocols import RECORD_FILE, read_record, write_record
+    from helpers import a_task_record
 
-    write_record(tmp_path, {"task": "reach-v3", "success": 0.5, "curve": [1, 2]})
-    assert read_record(tmp_path) == {"task": "reach-v3", "success": 0.5, "curve": [1, 2]}
+    from agents.runs import RECORD_FILE, read_record, write_record
+    from eva_rl.io import write_checked_json
+
+    record = a_task_record(success=0.5)
+    write_record(tmp_path, record)
+    assert read_record(tmp_path) == record
     path = tmp_path / RECORD_FILE
     path.write_text(path.read_text().replace("0.5", "1.0"))  # a hand-edited record
     with pytest.raises(ValueError, match=f"{path}: task record was modified"):
         read_record(tmp_path)
     path.write_text("not json{")
     with pytest.raises(ValueError, match=f"{path}: corrupt task record"):
+        read_record(tmp_path)
+    # checksummed, but not a record: refused by the schema, naming the file
+    write_checked_json(path, {"task": "reach-v3", "success": 0.5, "curve": [1, 2]})
+    with pytest.raises(ValueError, match=f"{path}: not a task record .missing: adalora_ranks"):
+        read_record(tmp_path)
+    write_checked_json(path, {**record.to_dict(), "success": float("nan")})
+    with pytest.raises(ValueError, match="success must be a finite number in"):
         read_record(tmp_path)
 
 
@@ -282,6 +293,98 @@ def test_full_disk_leaves_nothing_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         atomic_write(tmp_path / "results.json", fills_the_disk)
     assert snapshot(tmp_path) == {"results.json": b"old"}
+
+
+# safetensors 0.8's own words for ENOSPC (no errno, no file name)
+SAFETENSORS_NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def _safetensors_no_space(tensors, filename, metadata=None):
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"half")
+    raise SafetensorError(SAFETENSORS_NO_SPACE)
+
+
+def test_a_full_disk_is_one_os_error_whichever_library_writes(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from eva_rl import io as eva_io
+    from eva_rl.io import atomic_dir
+
+    from script_cli import error_line
+
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(OSError) as info:
+        atomic_write(target, lambda tmp: _safetensors_no_space({}, tmp))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert isinstance(info.value.__cause__, SafetensorError)
+    assert error_line(info.value) == f"{target}: No space left on device"
+
+    # torch.save and numpy.save do not say why a write failed: the free space does
+    def torch_save_fails(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(eva_io, "free_bytes", lambda path: 4096)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        atomic_write(tmp_path / "state.pt", torch_save_fails)
+    assert info.value.filename == str(tmp_path / "state.pt")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        with atomic_dir(tmp_path / "step_4") as tmp:
+            torch_save_fails(tmp / "state.pt")
+    assert info.value.filename == str(tmp_path / "step_4")
+    def numpy_save_fails(f) -> None:
+        raise OSError("1000000 requested and 32752 written")  # no errno
+
+    with pytest.raises(OSError, match="No space left on device"):
+        eva_io.write_synced(tmp_path / "a.npy", numpy_save_fails)
+    (tmp_path / "a.npy").unlink()
+    assert snapshot(tmp_path) == {}  # nothing half-written
+    # with space left, a failure keeps its own exception (a bug is not a full disk)
+    monkeypatch.setattr(eva_io, "free_bytes", lambda path: 1 << 30)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(tmp_path / "state.pt", torch_save_fails)
+    # the scripts' fallback: the message, wherever it was raised from
+    assert error_line(SafetensorError(SAFETENSORS_NO_SPACE)) == SAFETENSORS_NO_SPACE
+    assert error_line(RuntimeError("unexpected pos 576 vs 534")) is None
+
+
+@pytest.mark.slow
+def test_scripts_report_a_full_disk_in_one_line(setup, tmp_path, monkeypatch, capsys):
+    """Trainer checkpoints (pretrain.py), signatures.py and export_peft.py, each writing
+    safetensors onto a full disk: one error line naming the file, nothing half-written."""
+    import export_peft
+    import pretrain as pretrain_script
+    import signatures
+    from safetensors import torch as safetensors_torch
+
+    def one_error_line(code: int, *needles: str) -> None:
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in err if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
+        for needle in (*needles, ": No space left on device"):
+            assert needle in errors[0], errors[0]
+
+    run = _report_input(setup, tmp_path)  # a finished tiny run (lora)
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    patched = [name for name, module in list(sys.modules.items())  # every writer of ours
+               if name.split(".")[0] in ("eva_rl", "agents")
+               and getattr(module, "save_file", None) is safetensors_torch.save_file]
+    assert patched
+    for name in patched:
+        monkeypatch.setattr(sys.modules[name], "save_file", _safetensors_no_space)
+    one_error_line(signatures.main(["--run", str(run), "--method", "lora", "--seed", "0",
+                                    "--force"]), "signature.safetensors")
+    one_error_line(export_peft.main(["--run", str(run), "--method", "lora", "--out",
+                                     str(tmp_path / "peft")]), str(tmp_path / "peft"))
+    assert snapshot(tmp_path) == before  # the signatures kept, no export
+    pre = tmp_path / "pre"
+    one_error_line(pretrain_script.main(_pretrain_args(setup, pre, "--checkpoint-every", "1")),
+                   str(pre / "checkpoints" / "step_1" / "model.safetensors"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    assert not (pre / LOCK_FILE).exists()
 
 
 def test_unwritable_output_is_refused_before_collecting(tmp_path):
@@ -550,7 +653,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_pretrain_killed_anywhere_resumes_to_the_uninterrupted_model(setup, tmp_path):
     straight = tmp_path / "straight"
     assert run_script("pretrain", _pretrain_args(setup, straight, steps="5")).returncode == 0
-    # before the first checkpoint (issue case 1), after one, and between two
+    # before the first checkpoint (nothing to resume from yet), after one, and between two
     for point in ("pretrain.config_written", "trainer.checkpoint_saved@1", "trainer.step@3"):
         out = tmp_path / point.replace("@", "-")
         argv = _pretrain_args(setup, out, steps="5")
