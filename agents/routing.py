@@ -3,8 +3,15 @@
 Routers (`ROUTERS`): ``oracle`` (the task is given: the adapter named after it), ``eva``
 (the task whose activation subspaces of the frozen base explain the window best, see
 `eva_rl.routing`; None = unknown task), ``obs`` (nearest centroid of the window's mean
-normalised observation) and ``embedding`` (nearest centroid of the base model's mean
-final-layer output over the window: the kind of key L2M learns).
+normalised observation), ``embedding`` (nearest centroid of the base model's mean
+final-layer output over the window: the kind of key L2M learns) and ``arrow`` (Arrow,
+`eva_rl.arrow`, from the adapters' weights alone, no signatures: per adapted layer each
+adapter's prototype is the top right-singular vector of its update B A; the base model's
+input row of every token of the window at every adapted layer gives its `arrow_top_k`
+adapters by |row · prototype| a softmax weight, and the episode goes to the adapter with
+the largest weight summed over rows and layers. PEFT mixes the top-k adapters per token
+and layer; one adapter per episode, as the other routers choose, is the adapter that
+mixture leans on most, each token of each layer counting once).
 
 An episode is decided once `decide_after` observations have been seen (or re-decided at
 every step from then on with `redecide`). Until then the best guess so far acts (``before=
@@ -34,6 +41,7 @@ import numpy as np
 import torch
 
 from eva_rl.adapters import adapter_layers, set_active_adapter
+from eva_rl.arrow import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, arrow_prototypes, arrow_votes
 from eva_rl.data import TrajectoryDataset, WindowSampler
 from eva_rl.eva import ActivationCollector, EvaConfig, EvaResult, compute_eva, dt_forward_and_mask
 from eva_rl.eva.hooks import find_target_layers
@@ -46,7 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ROUTERS = ("oracle", "eva", "obs", "embedding")
+ROUTERS = ("oracle", "eva", "obs", "embedding", "arrow")
 BEFORE_DECISION = ("guess", "base")
 SIGNATURE_DIR = "signature"
 DEFAULT_LAYERS = ("blocks.*.attn.q_proj", "blocks.*.mlp.fc_in")
@@ -69,9 +77,13 @@ class RouterConfig:
     score: str = "residual"
     """Score of the ``eva`` router (`eva_rl.routing.SCORES`); ``residual`` routed episode
     starts better than ``ppca`` at every rank on the MT40 tasks held out of the `bench`
-    tier's pretraining (README)."""
+    tier's pretraining (docs/benchmarks.md)."""
     unknown: bool = True
     """``eva``: say None (base model acts) when no task explains the window."""
+    arrow_top_k: int = DEFAULT_TOP_K
+    """``arrow``: adapters sharing each token's weight (PEFT's `ArrowConfig.top_k`)."""
+    arrow_temperature: float = DEFAULT_TEMPERATURE
+    """``arrow``: softmax temperature of the token weights (`router_temperature`)."""
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -83,6 +95,10 @@ class RouterConfig:
                              f"{', '.join(BEFORE_DECISION)}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; valid: {', '.join(SCORES)}")
+        if int(self.arrow_top_k) < 1:
+            raise ValueError(f"arrow_top_k must be >= 1, got {self.arrow_top_k}")
+        if not float(self.arrow_temperature) > 0:
+            raise ValueError(f"arrow_temperature must be > 0, got {self.arrow_temperature}")
 
 
 # ------------------------------------------------------------------- base activations
@@ -284,13 +300,21 @@ class RoutedContext(RolloutContext):
 
 
 class Router:
-    """Chooses an adapter for envs of a `RoutedContext` (one base forward per call)."""
+    """Chooses an adapter for envs of a `RoutedContext` (one base forward per call) among
+    `names`: the tasks with a signature, or for ``arrow`` every adapter of the agent."""
 
     def __init__(self, agent: DTAgent, config: RouterConfig) -> None:
         if config.router == "oracle":
             raise ValueError("the oracle router needs the task: use set_task(name)")
         self.agent = agent
         self.config = config
+        if config.router == "arrow":  # the adapters' weights alone: no signatures read
+            self.names = agent.adapter_names
+            if not self.names:
+                raise ValueError("no task adapters: the arrow router has nothing to route to")
+            self.arrow = arrow_prototypes(agent.model, self.names)
+            self.layers = list(self.arrow)
+            return
         pool = agent.signatures
         if not pool.names:
             raise SignatureError("no task signatures: the agent cannot route (fine-tune with "
@@ -303,6 +327,7 @@ class Router:
         if no_sig:
             raise SignatureError(f"tasks {no_sig} have an adapter but no signature")
         self.layers = list(next(iter(pool.signatures.values())).layers)
+        self.names = pool.names
 
     def targets(self, choices: Sequence[str | None], default: float) -> list[float]:
         return [default if c is None else self.agent.target_returns.get(c, default)
@@ -310,7 +335,7 @@ class Router:
 
     def default_target(self) -> float:
         """The target return before a decision: the largest of the routed tasks'."""
-        known = [self.agent.target_returns[n] for n in self.agent.signatures.names
+        known = [self.agent.target_returns[n] for n in self.names
                  if n in self.agent.target_returns]
         if not known:
             raise ValueError("no target return for any routed task")
@@ -327,6 +352,10 @@ class Router:
                  "timesteps": ctx.timesteps[idx, w], "mask": ctx.mask[idx, w]}
         model = self.agent.model
         feats, window, keys = base_features(model, self.layers, batch)
+        if self.config.router == "arrow":
+            votes = arrow_votes(feats, window, len(rows), self.arrow, self.config.arrow_top_k,
+                                self.config.arrow_temperature)
+            return [self.names[i] for i in votes.argmax(dim=1).tolist()]
         pool = self.agent.signatures
         if self.config.router == "eva":
             return pool.route_subspace(feats, window, len(rows), self.config.score,
@@ -369,33 +398,48 @@ def routed_actions(agent: DTAgent, ctx: RoutedContext, router: Router,
 def episode_routing(ctx: RoutedContext, expected: Sequence[str | None]) -> dict[str, list]:
     """Per env: the adapter it mostly ran with after deciding (``chosen``; None also when
     the episode ended before its decision), whether it decided, the share of correct
-    decisions (``correct``; vs `expected`)."""
+    decisions (``correct``; vs `expected`; None for an episode that never decided)."""
     chosen, decided, correct = [], [], []
     for dec, exp in zip(ctx.decisions, expected, strict=True):
         decided.append(bool(dec))
         chosen.append(Counter(dec).most_common(1)[0][0] if dec else None)
-        correct.append(float(np.mean([d == exp for d in dec])) if dec else 0.0)
+        correct.append(float(np.mean([d == exp for d in dec])) if dec else None)
     return {"chosen": chosen, "decided": decided, "correct": correct}
+
+
+def _mean_decided(correct: Sequence[float | None], decided: Sequence[bool]) -> float | None:
+    """Mean routing accuracy of the episodes that decided; None if none did."""
+    values = [c for c, d in zip(correct, decided, strict=True) if d and c is not None]
+    return float(np.mean(values)) if values else None
 
 
 def routing_summary(per_task: Mapping[str, Mapping[str, Any]], adapters: Sequence[str]
                     ) -> dict[str, Any]:
     """Overall and per-task accuracy, unknown rate and the confusion matrix (true task x
-    chosen adapter, columns `adapters` then ``none``) from `evaluate`'s ``routing`` entries."""
+    chosen adapter, columns `adapters` then ``none``) from `evaluate`'s ``routing`` entries.
+
+    Accuracy is over the episodes that decided (the others ended before the decision):
+    None, not 0, where no episode decided; ``undecided_rate`` / ``undecided_per_task``
+    give the share of episodes that never decided."""
     cols = [*adapters, "none"]
     tasks = list(per_task)
     confusion = [[0] * len(cols) for _ in tasks]
-    acc, unknown, all_correct, all_unknown = {}, {}, [], []
+    acc, unknown, undecided = {}, {}, {}
+    all_correct, all_decided, all_unknown = [], [], []
     for i, task in enumerate(tasks):
         r = per_task[task]["routing"]
         for c in r["chosen"]:
             confusion[i][cols.index(c) if c in cols else len(cols) - 1] += 1
-        acc[task] = float(np.mean(r["correct"]))
+        acc[task] = _mean_decided(r["correct"], r["decided"])
         unk = [d and c is None for d, c in zip(r["decided"], r["chosen"], strict=True)]
         unknown[task] = float(np.mean(unk))
+        undecided[task] = float(np.mean([not d for d in r["decided"]]))
         all_correct += r["correct"]
+        all_decided += r["decided"]
         all_unknown += unk
-    return {"accuracy": float(np.mean(all_correct)) if all_correct else 0.0,
-            "per_task": acc, "unknown_rate": float(np.mean(all_unknown)) if all_unknown else 0.0,
-            "unknown_per_task": unknown, "confusion": {"rows": tasks, "cols": cols,
-                                                       "counts": confusion}}
+    return {"accuracy": _mean_decided(all_correct, all_decided), "per_task": acc,
+            "unknown_rate": float(np.mean(all_unknown)) if all_unknown else 0.0,
+            "unknown_per_task": unknown,
+            "undecided_rate": float(np.mean([not d for d in all_decided])) if all_decided
+            else 0.0, "undecided_per_task": undecided,
+            "confusion": {"rows": tasks, "cols": cols, "counts": confusion}}

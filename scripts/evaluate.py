@@ -6,11 +6,12 @@ or a fine-tuning run (`scripts/finetune.py --out`; pick one of its runs with `--
 `--episodes` episodes per task in parallel envs and prints a table; `--out` also writes
 the results as JSON.
 
-`--routing eva|obs|embedding` does not tell the agent the tasks: every episode chooses
-its adapter itself after `--routing-after` observations (agents.routing); the table and
-JSON then hold the routing accuracy overall and per task, the unknown-task rate and the
-confusion matrix (true task x chosen adapter). `--routing oracle` (default) gives each
-task its own adapter.
+`--routing eva|obs|embedding|arrow` does not tell the agent the tasks: every episode
+chooses its adapter itself after `--routing-after` observations (agents.routing; ``arrow``
+needs no signatures, only the adapters' weights: `--arrow-top-k`, `--arrow-temperature`);
+the table and JSON then hold the routing accuracy overall and per task, the unknown-task
+rate and the confusion matrix (true task x chosen adapter). `--routing oracle` (default)
+gives each task its own adapter.
 
 A task the run has no target return for (e.g. a CW10 task, zero-shot, from an MT40
 model) is conditioned on `--target-return` (default: the largest target return the run
@@ -37,10 +38,12 @@ import torch
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetuned import is_finetune_run, load_finetuned_agent
+from agents.reports.results import format_accuracy
 from agents.routing import BEFORE_DECISION, ROUTERS, RouterConfig, routing_summary
 from envs import resolve_tasks
 from eva_rl.io import write_json_atomic
 from eva_rl.routing import SCORES
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 from eva_rl.training.run import ADAPTERS_DIR, CONFIG_FILE, WEIGHTS_FILE
 
 from script_cli import ScriptParser, script_main
@@ -77,10 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="who acts before the decision: the best guess so far, or the base model")
     p.add_argument("--routing-redecide", action="store_true",
                    help="let the router decide again at every later step")
+    p.add_argument("--arrow-top-k", type=int, default=RouterConfig.arrow_top_k,
+                   help="arrow router: adapters sharing each token's weight")
+    p.add_argument("--arrow-temperature", type=float, default=RouterConfig.arrow_temperature,
+                   help="arrow router: softmax temperature of the token weights")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; 1 is often fastest for small CPU models "
-                   "on a busy machine (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
@@ -132,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_args(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     agent = load_agent(args)
     specs = args.tasks or (agent.run_config or {}).get("tasks")
     if not specs:
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     assumed = fill_target_returns(agent, tasks, args.target_return)
     routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
                            redecide=args.routing_redecide, score=args.routing_score,
-                           before=args.routing_before)
+                           before=args.routing_before, arrow_top_k=args.arrow_top_k,
+                           arrow_temperature=args.arrow_temperature)
     t0 = time.perf_counter()
     results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
                        max_episode_steps=args.max_steps, routing=routing,
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     route_head = "  routing acc" if summary else ""
     print(f"{'task':<{width}}  success  mean return  mean length  adapter{route_head}")
     for task, r in results.items():
-        acc = f"  {summary['per_task'][task]:11.2f}" if summary else ""
+        acc = f"  {format_accuracy(summary['per_task'][task], 11)}" if summary else ""
         print(f"{task:<{width}}  {r['success_rate']:7.2f}  {r['mean_return']:11.1f}  "
               f"{r['mean_length']:11.1f}  {(r['adapter'] or '-'):<7}{acc}")
     mean = sum(r["success_rate"] for r in results.values()) / len(results)
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{env_steps} env steps in {seconds:.1f} s)")
     if summary:
         print(f"routing {args.routing} after {args.routing_after} observations: accuracy "
-              f"{summary['accuracy']:.2f}, unknown rate {summary['unknown_rate']:.2f}")
+              f"{format_accuracy(summary['accuracy'])} (of the episodes that decided; "
+              f"undecided {summary['undecided_rate']:.2f}), unknown rate "
+              f"{summary['unknown_rate']:.2f}")
     if assumed:
         print(f"target return {agent.target_returns[assumed[0]]:.1f} assumed for "
               f"{', '.join(assumed)}")
@@ -174,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                    "routing_redecide": args.routing_redecide,
                    "routing_score": args.routing_score,
                    "routing_before": args.routing_before,
+                   **({"arrow_top_k": args.arrow_top_k,
+                       "arrow_temperature": args.arrow_temperature}
+                      if args.routing == "arrow" else {}),
                    "stop_on_success": args.stop_on_success, "assumed_target_return": assumed,
                    "mean_success": mean, "seconds": seconds, "env_steps": env_steps,
                    "tasks": results}

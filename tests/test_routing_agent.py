@@ -12,7 +12,7 @@ from agents.evaluation import evaluate
 from agents.finetuned import load_finetuned_agent
 from agents.protocols import run_experiment
 from agents.routing import ROUTERS, RouterConfig, load_signature, routing_summary
-from eva_rl.routing import SignatureError
+from eva_rl.routing import SignatureError, TaskSignature
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -120,6 +120,30 @@ def test_evaluate_script_routes_a_finetune_run(routed_run, setup, tmp_path):
     assert "assumed for hammer-v3" in proc.stdout
 
 
+def test_episodes_that_never_decided_are_undecided_not_wrong(routed_run, tmp_path):
+    out, _ = routed_run
+    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
+    res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6, progress=False,
+                   routing=RouterConfig(decide_after=10))  # episodes end before deciding
+    for task in TASKS:
+        assert res[task]["routing"]["decided"] == [False, False]
+        assert res[task]["routing"]["correct"] == [None, None]
+    summary = routing_summary(res, agent.adapter_names)
+    assert summary["accuracy"] is None and summary["per_task"] == dict.fromkeys(TASKS)
+    assert summary["undecided_rate"] == 1.0 and summary["unknown_rate"] == 0.0
+    # some decided: the accuracy of those, the others counted as undecided
+    mixed = {TASKS[0]: {"routing": {"chosen": [TASKS[1], TASKS[0], None],
+                                    "decided": [True, True, False],
+                                    "correct": [0.0, 1.0, None]}}}
+    summary = routing_summary(mixed, list(TASKS))
+    assert summary["accuracy"] == 0.5 and summary["undecided_per_task"][TASKS[0]] == 1 / 3
+    proc = run_script("evaluate", ["--run", str(out), "--method", "lora", "--seed", "0",
+                                   "--routing", "eva", "--routing-after", "10", "--episodes",
+                                   "1", "--max-steps", "6", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy undecided" in proc.stdout and "0.00 (of" not in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("case", ["episodes0", "corrupt_weights", "tampered_adapter",
                                   "no_method"])
 def test_evaluate_script_bad_input_is_one_error_line(routed_run, setup, tmp_path, case):
@@ -217,3 +241,43 @@ def test_before_the_decision_the_guess_or_the_base_acts(routed_run, before):
 def test_router_config_names_the_valid_choices():
     with pytest.raises(ValueError, match="before='later'; valid: guess, base"):
         RouterConfig(before="later")
+
+
+def test_arrow_routes_a_run_without_signatures(routed_run, tmp_path, monkeypatch):
+    out, _ = routed_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    removed = list(copy.glob("runs/lora/seed_0/*/signature"))
+    assert len(removed) == len(TASKS)
+    for sig in removed:
+        shutil.rmtree(sig)
+    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")
+    assert agent.signatures.names == [] and agent.adapter_names == list(TASKS)
+    with pytest.raises(SignatureError, match="no task signatures"):
+        agent.make_router(RouterConfig(router="eva"))
+
+    def read_signature(*args, **kwargs):
+        raise AssertionError("the arrow router read a signature")
+
+    monkeypatch.setattr(TaskSignature, "load", classmethod(read_signature))
+    monkeypatch.setattr(TaskSignature, "window_scores", read_signature)
+    res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6, progress=False,
+                   routing=RouterConfig(router="arrow", decide_after=2))
+    for task in TASKS:
+        assert res[task]["routing"]["decided"] == [True, True]
+        assert set(res[task]["routing"]["chosen"]) <= set(TASKS)  # never "unknown"
+    summary = routing_summary(res, agent.adapter_names)
+    assert isinstance(summary["accuracy"], float) and 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["unknown_rate"] == 0.0
+    assert sum(map(sum, summary["confusion"]["counts"])) == 4
+    with pytest.raises(ValueError, match="arrow_top_k must be >= 1"):
+        RouterConfig(router="arrow", arrow_top_k=0)
+    r = tmp_path / "arrow.json"
+    proc = run_script("evaluate", ["--run", str(copy), "--method", "lora", "--seed", "0",
+                                   "--routing", "arrow", "--routing-after", "2",
+                                   "--arrow-top-k", "1", "--episodes", "1", "--max-steps", "4",
+                                   "--device", "cpu", "--out", str(r)])
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(r.read_text())
+    assert payload["routing"] == "arrow" and payload["arrow_top_k"] == 1
+    assert 0.0 <= payload["routing_accuracy"] <= 1.0

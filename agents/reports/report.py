@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from agents.reports.plots import build_figures, save_figures
 from agents.reports.results import (
     final_success,
+    format_accuracy,
     is_complete,
     mean_success_curves,
     results_to_csv,
@@ -224,9 +225,10 @@ def _routing_section(results: dict) -> list[str]:
                 f"decision after {rt['decide_after']} observations"
                 f"{', re-decided every step' if rt['redecide'] else ''}; after the last task)",
                 ""]
-        rows = [[short_name(t), f"{rt['per_task'][t]:.2f}", f"{rt['unknown_per_task'][t]:.2f}",
-                 f"{routed[t]:.2f}", f"{oracle[t]:.2f}"] for t in tasks]
-        rows.append(["**all**", f"{rt['accuracy']:.2f}", f"{rt['unknown_rate']:.2f}",
+        rows = [[short_name(t), format_accuracy(rt["per_task"][t]),
+                 f"{rt['unknown_per_task'][t]:.2f}", f"{routed[t]:.2f}", f"{oracle[t]:.2f}"]
+                for t in tasks]
+        rows.append(["**all**", format_accuracy(rt["accuracy"]), f"{rt['unknown_rate']:.2f}",
                      f"{np.mean([routed[t] for t in tasks]):.2f}",
                      f"{np.mean([oracle[t] for t in tasks]):.2f}"])
         out += _table(["task", "routing accuracy", "unknown rate",
@@ -238,7 +240,8 @@ def _routing_section(results: dict) -> list[str]:
                       [[short_name(t), *(str(v) for v in counts)]
                        for t, counts in zip(conf["rows"], conf["counts"], strict=True)])
         out += ["", "Routing accuracy: share of an episode's decisions that chose the task's "
-                "own adapter (none, for a task without one yet)."]
+                "own adapter (none, for a task without one yet), over the episodes that "
+                "decided; `undecided`: every episode ended before its decision."]
         out += [""]
     return out
 
@@ -307,11 +310,13 @@ def _write_run_scalars(w, run: dict, all_runs: Sequence[dict]) -> None:
                          len(tasks) - 1)
     for i, rec in enumerate(run["per_task"]):
         routing = rec.get("routing")
-        if routing:
-            w.add_scalar("routing/accuracy", routing["accuracy"], i)
+        if routing:  # no accuracy where no episode decided
+            if routing["accuracy"] is not None:
+                w.add_scalar("routing/accuracy", routing["accuracy"], i)
             w.add_scalar("routing/unknown_rate", routing["unknown_rate"], i)
             for task, acc in routing["per_task"].items():
-                w.add_scalar(f"routing/{task}/accuracy", acc, i)
+                if acc is not None:
+                    w.add_scalar(f"routing/{task}/accuracy", acc, i)
     for rec in run["per_task"]:
         prefix = f"finetune/{rec['task']}"
         for step, loss in zip(rec["loss_curve"]["steps"], rec["loss_curve"]["loss"],

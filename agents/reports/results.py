@@ -99,6 +99,12 @@ def short_name(task: str) -> str:
     return task[:-3] if task.endswith("-v3") else task
 
 
+def format_accuracy(value: float | None, width: int = 0) -> str:
+    """A routing accuracy for tables: ``0.93``, or ``undecided`` where no episode decided
+    (`agents.routing.routing_summary` gives None then, not 0)."""
+    return f"{value:{width}.2f}" if value is not None else f"{'undecided':>{width}}"
+
+
 def is_complete(run: dict) -> bool:
     """True if every task of the run has a record."""
     return len(run["per_task"]) == len(run["tasks"])

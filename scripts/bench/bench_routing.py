@@ -10,7 +10,7 @@ Repeats: every task gets a second adapter (a copy) whose signature comes from a 
 pass over the same data with another seed, as CW20's second visit would make; the ``eva``
 router's choices between the two copies are counted.
 
-Example (the README's figures; ~20 minutes on the shared 2-core machine):
+Example (the figures in docs/benchmarks.md; ~20 minutes on the shared 2-core machine):
     python scripts/bench/bench_routing.py --out /tmp/bench-routing
     # smoke run (the test suite's): tiny sizes
     python scripts/bench/bench_routing.py --out /tmp/r --pretrain-tasks reach \
@@ -36,6 +36,7 @@ from agents.experts import ScriptedCollector
 from agents.finetune import get_config
 from agents.finetuned import load_finetuned_agent
 from agents.protocols import Experiment, run_experiment
+from agents.reports.results import format_accuracy
 from agents.routing import RouterConfig, routing_summary, task_signature
 from envs import resolve_tasks
 from eva_rl.adapters import load_adapter, save_adapter
@@ -150,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             rows["routers"][f"{router}@{k}"] = {
                 **s, "success": {t: res[t]["success_rate"] for t in tasks},
                 "mean_success": succ, "seconds": secs}
-            print(f"{router:<10} {k:>3}  " + "  ".join(f"{s['per_task'][t]:>12.2f}" for t in tasks)
-                  + f"  {s['accuracy']:5.2f}  {s['unknown_rate']:7.2f}  {succ:7.2f}  "
-                    f"{o_mean:6.2f}  {secs:6.1f}  {100 * (secs / t_oracle - 1):+5.1f}%")
+            print(f"{router:<10} {k:>3}  "
+                  + "  ".join(format_accuracy(s["per_task"][t], 12) for t in tasks)
+                  + f"  {format_accuracy(s['accuracy'], 5)}  {s['unknown_rate']:7.2f}  "
+                    f"{succ:7.2f}  {o_mean:6.2f}  "
+                    f"{secs:6.1f}  {100 * (secs / t_oracle - 1):+5.1f}%")
     copies = add_repeats(agent, tasks, args, out)
     k = 5 if 5 in ks else ks[0]
     res, secs = timed_eval(agent, tasks, args, RouterConfig(router="eva", decide_after=k))
