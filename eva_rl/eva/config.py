@@ -6,15 +6,32 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from eva_rl.adapters import DEFAULT_TARGETS
 from eva_rl.eva.incremental_svd import SOLVERS
 from eva_rl.schema import check_known_fields
 
 
+class TargetedSettings:
+    """The JSON round trip of a settings dataclass with a ``target_modules`` field (EVA's,
+    CorDA's, LoRA-GA's); a mixin without fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy."""
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        check_known_fields(cls, d, f"{cls.__name__} fields")
+        return cls(**d)
+
+
 @dataclass
-class EvaConfig:
+class EvaConfig(TargetedSettings):
     """Settings of one EVA initialisation."""
 
     rank: int = 8
@@ -74,13 +91,3 @@ class EvaConfig:
     def n_components(self) -> int:
         """Components computed per layer: round(r * rho)."""
         return round(self.rank * self.rho)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EvaConfig:
-        check_known_fields(cls, d, "EvaConfig fields")
-        return cls(**d)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eva_rl.adapters import AdapterConfig, adapter_layers, add_adapter, set_active_adapter
-from eva_rl.eva.allocation import allocate_ranks, rescale_alpha
+from eva_rl.eva.allocation import allocate_ranks, check_rank_possible, rescale_alpha
 from eva_rl.eva.config import EvaConfig
 from eva_rl.eva.hooks import (
     ActivationCollector,
@@ -57,13 +57,22 @@ def _all_ranks_have(has_batch: bool) -> bool:
     return bool(flag.item())
 
 
-def _adapters_off(model: nn.Module) -> None:
-    """Switch every adapter off (EVA decomposes the base model's inputs)."""
+def adapters_off(model: nn.Module, who: str = "EVA") -> None:
+    """Switch every adapter off: ``who`` (EVA, CorDA, LoRA-GA) computes on the base model."""
     merged = [p for p, m in adapter_layers(model).items() if m.merged_adapter]
     if merged:
-        raise RuntimeError(f"EVA needs the base model but adapters are merged in {merged}; "
+        raise RuntimeError(f"{who} needs the base model but adapters are merged in {merged}; "
                            "call unmerge_adapter(model) first")
     set_active_adapter(model, None)
+
+
+def check_has_layers(model: nn.Module, paths: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` unless ``model`` has every layer in ``paths`` (those of ``what``,
+    e.g. "EVA result")."""
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise ValueError(f"the model has no layers {missing} of this {what}")
 
 
 def _needed(flags: torch.Tensor, rank: int, reverse: bool) -> torch.Tensor:
@@ -125,7 +134,7 @@ def compute_eva(
     try:
         with preserve_model_state(model):
             model.eval()
-            _adapters_off(model)
+            adapters_off(model)
             collector.keep_raw = True
             for p in paths:
                 collector.attach(p)
@@ -187,7 +196,7 @@ def group_means(model: nn.Module, batches: Iterable[Any], paths: list[str],
     try:
         with preserve_model_state(model):
             model.eval()
-            _adapters_off(model)
+            adapters_off(model)
             for p in paths:
                 collector.attach(p)
             for _ in range(max_batches):
@@ -262,6 +271,8 @@ class _EvaRun:
         if shared:
             logger.info("EVA: layers sharing one input: %s", list(shared.values()))
         self.ranks = {p: self.svds[self.leader[p]].n_components for p in self.paths}
+        check_rank_possible(config.rank, config.rho,
+                            [raw[self.leader[p]].shape[-1] for p in self.paths])
 
     def update(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Feed one batch's rows to the SVDs, refresh the flags, then re-allocate ranks."""
@@ -361,10 +372,7 @@ def apply_eva(
     if adapter_config.method not in ("lora", "dora"):
         raise ValueError(f"EVA initialises 'lora' or 'dora' adapters, not "
                          f"{adapter_config.method!r}")
-    modules = dict(model.named_modules())
-    missing = [p for p in result.paths if p not in modules]
-    if missing:
-        raise ValueError(f"the model has no layers {missing} of this EVA result")
+    check_has_layers(model, result.paths, "EVA result")
     r = result.config.rank
     alpha_pattern = {}
     for p in result.paths:

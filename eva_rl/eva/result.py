@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from eva_rl.eva.config import EvaConfig
-from eva_rl.io import atomic_write, read_checked_json, sha256_file, write_checked_json
+from eva_rl.tensor_files import TensorFiles, load_tensors_with_meta, save_tensors_with_meta
 
 RESULT_FORMAT = "eva-rl-eva-result"
 RESULT_VERSION = 1
 TENSORS_FILE = "eva.safetensors"
 META_FILE = "eva.json"
+FILES = TensorFiles(TENSORS_FILE, META_FILE, RESULT_FORMAT, RESULT_VERSION, "EVA result")
 
 
 @dataclass
@@ -93,11 +92,6 @@ class EvaResult:
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write `eva.safetensors` + `eva.json` into `directory` (atomically, per file)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
-        if not overwrite and (tensor_path.exists() or meta_path.exists()):
-            raise FileExistsError(f"{d} already holds an EVA result; pass overwrite=True")
         tensors = {}
         for p in self.paths:
             if self.shared[p] == p:
@@ -108,38 +102,17 @@ class EvaResult:
                 if self.means is not None:
                     tensors[f"mean/{p}"] = self.means[p].detach().cpu().contiguous()
         meta = {
-            "format": RESULT_FORMAT, "version": RESULT_VERSION,
             "config": self.config.to_dict(), "layers": self.paths, "ranks": self.ranks,
             "alphas": self.alphas, "shared": self.shared, "batches_used": self.batches_used,
             "convergence_step": self.convergence_step, "n_samples": self.n_samples,
             "seconds": self.seconds, "stop_reason": self.stop_reason, "extra": self.extra,
         }
-
-        def write(tensor_tmp: Path) -> None:
-            # the metadata (with the new tensors' checksum) is renamed in just before the
-            # tensors, as adapters do: a failure before then leaves an older result intact
-            save_file(tensors, str(tensor_tmp))
-            meta["tensor_sha256"] = sha256_file(tensor_tmp)
-            write_checked_json(meta_path, meta, indent=1)
-
-        atomic_write(tensor_path, write)
-        return d
+        return save_tensors_with_meta(directory, FILES, tensors, meta, overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> EvaResult:
         """Read a result written by `save`; a clear `ValueError` on missing/corrupt files."""
-        d = Path(directory)
-        tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
-        if not tensor_path.is_file():
-            raise ValueError(f"{tensor_path}: no EVA result tensors (file is missing)")
-        meta = read_checked_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "EVA result")
-        if meta.get("tensor_sha256") != sha256_file(tensor_path):
-            raise ValueError(f"{tensor_path} does not match {meta_path} (checksum differs): "
-                             "modified or damaged since it was written")
-        try:
-            tensors = load_file(str(tensor_path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{tensor_path}: corrupt EVA result tensors: {err}") from err
+        tensors, meta = load_tensors_with_meta(directory, FILES)
         comps, svals, ratios, means = {}, {}, {}, {}
         try:
             for p in meta["layers"]:
@@ -150,7 +123,7 @@ class EvaResult:
                 if f"mean/{lead}" in tensors:
                     means[p] = tensors[f"mean/{lead}"]
         except KeyError as e:
-            raise ValueError(f"{tensor_path} lacks tensor {e}") from e
+            raise ValueError(f"{Path(directory) / TENSORS_FILE} lacks tensor {e}") from e
         return cls(
             config=EvaConfig.from_dict(meta["config"]), components=comps, singular_values=svals,
             explained_variance_ratio=ratios, ranks={k: int(v) for k, v in meta["ranks"].items()},

@@ -8,8 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from eva_rl.adapters import AdapterConfig, adapter_layers, add_adapter, set_active_adapter
+from eva_rl.adapters import AdapterConfig, add_adapter
 from eva_rl.adapters.config import match_pattern
+from eva_rl.eva.config import TargetedSettings
+from eva_rl.eva.core import check_has_layers
 from eva_rl.eva.hooks import find_target_layers
 from eva_rl.inits.result import InitResult
 
@@ -34,21 +36,24 @@ def target_ranks(model: nn.Module, target_modules: Sequence[str], rank: int,
     return ranks
 
 
-def adapters_off(model: nn.Module, who: str) -> None:
-    """Switch every adapter off: the initialisation computes on the base model."""
-    merged = [p for p, m in adapter_layers(model).items() if m.merged_adapter]
-    if merged:
-        raise RuntimeError(f"{who} needs the base model but adapters are merged in {merged}; "
-                           "call unmerge_adapter(model) first")
-    set_active_adapter(model, None)
-
-
 def check_rank_config(rank: int, rank_pattern: Mapping[str, int]) -> None:
     """Ranks are integers >= 0 (0 leaves a layer alone)."""
     for what, r in {"rank": rank, **{f"rank_pattern[{k!r}]": v
                                      for k, v in rank_pattern.items()}}.items():
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"{what} must be an integer >= 0, got {r!r}")
+
+
+class InitSettings(TargetedSettings):
+    """What `CordaConfig` and `LoraGaConfig` do alike with the fields they both declare
+    (``rank``, ``rank_pattern``, ``target_modules``, ``max_batches``): their checks and the
+    JSON round trip. A mixin without fields, so each dataclass keeps its own field order."""
+
+    def check_shared(self) -> None:
+        """Ranks are integers >= 0 and ``max_batches`` >= 1 (``ValueError`` if not)."""
+        check_rank_config(self.rank, self.rank_pattern)
+        if int(self.max_batches) < 1:
+            raise ValueError(f"max_batches must be >= 1, got {self.max_batches!r}")
 
 
 def check_ranks(result: InitResult, ranks: Mapping[str, int]) -> None:
@@ -62,19 +67,20 @@ def check_ranks(result: InitResult, ranks: Mapping[str, int]) -> None:
 
 
 def add_init_adapter(model: nn.Module, name: str, result: InitResult,
-                     adapter_config: AdapterConfig, factors: Factors) -> list[str]:
+                     adapter_config: AdapterConfig, factors: Factors, kind: str, who: str
+                     ) -> list[str]:
     """Add adapter ``name`` on ``result``'s layers with A, B = ``factors(...)`` and the
     offset -s·B0 A0 that keeps W_eff = W (`add_adapter` with ``lora_B``); returns the paths.
 
-    ``adapter_config`` (method "lora") gives alpha, dropout and the scaling rule; its ranks
-    must be those the result was computed for."""
+    ``result`` must be of ``kind`` (``who`` names it: "CorDA"); ``adapter_config`` (method
+    "lora") gives alpha, dropout and the scaling rule; its ranks must be those the result
+    was computed for."""
+    if result.kind != kind:
+        raise ValueError(f"apply_{kind} needs a {who} result, got a {result.kind!r} one")
     if adapter_config.method != "lora":
         raise ValueError(f"{result.kind} initialises 'lora' adapters, not "
                          f"{adapter_config.method!r}")
-    modules = dict(model.named_modules())
-    missing = [p for p in result.paths if p not in modules]
-    if missing:
-        raise ValueError(f"the model has no layers {missing} of this {result.kind} result")
+    check_has_layers(model, result.paths, f"{result.kind} result")
     ranks = {p: adapter_config.rank_for(p) for p in result.paths}
     check_ranks(result, ranks)
     scalings = {p: adapter_config.scaling_for(r, adapter_config.alpha_for(p))

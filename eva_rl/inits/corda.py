@@ -20,7 +20,6 @@ padded and unselected rows dropped by ``mask_fn``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,16 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from eva_rl.adapters import DEFAULT_TARGETS, AdapterConfig
+from eva_rl.eva.core import adapters_off
 from eva_rl.eva.hooks import MaskFn, default_forward
-from eva_rl.inits.common import (
-    adapters_off,
-    add_init_adapter,
-    check_rank_config,
-    float_weight,
-    target_ranks,
-)
+from eva_rl.inits.common import InitSettings, add_init_adapter, float_weight, target_ranks
 from eva_rl.inits.result import InitResult
-from eva_rl.schema import check_known_fields
 from eva_rl.state import preserve_model_state
 
 logger = logging.getLogger(__name__)
@@ -52,7 +45,7 @@ MAX_DAMP = 1e6
 
 
 @dataclass
-class CordaConfig:
+class CordaConfig(InitSettings):
     """Settings of one CorDA initialisation."""
 
     mode: str = "ipm"
@@ -71,21 +64,7 @@ class CordaConfig:
                                else tuple(self.target_modules))
         if self.mode not in CORDA_MODES:
             raise ValueError(f"mode must be one of {CORDA_MODES}, got {self.mode!r}")
-        check_rank_config(self.rank, self.rank_pattern)
-        if int(self.max_batches) < 1:
-            raise ValueError(f"max_batches must be >= 1, got {self.max_batches!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able copy."""
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CordaConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        check_known_fields(cls, d, "CordaConfig fields")
-        return cls(**d)
+        self.check_shared()
 
 
 @torch.no_grad()
@@ -176,9 +155,8 @@ def apply_corda(model: nn.Module, adapter_name: str, result: InitResult,
                 adapter_config: AdapterConfig) -> list[str]:
     """Add adapter ``adapter_name`` (method "lora") initialised from ``result``; the
     offset keeps the model's function at init. Returns the adapted paths."""
-    if result.kind != "corda":
-        raise ValueError(f"apply_corda needs a CorDA result, got a {result.kind!r} one")
-    return add_init_adapter(model, adapter_name, result, adapter_config, corda_factors)
+    return add_init_adapter(model, adapter_name, result, adapter_config, corda_factors,
+                            "corda", "CorDA")
 
 
 def _damped_inverse(cov: Tensor, seen: list[tuple[Tensor, Tensor, Tensor, float]]

@@ -18,7 +18,6 @@ draws from ``seed`` rather than torch's global generator.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,15 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from eva_rl.adapters import DEFAULT_TARGETS, AdapterConfig
-from eva_rl.inits.common import (
-    adapters_off,
-    add_init_adapter,
-    check_rank_config,
-    float_weight,
-    target_ranks,
-)
+from eva_rl.eva.core import adapters_off
+from eva_rl.inits.common import InitSettings, add_init_adapter, float_weight, target_ranks
 from eva_rl.inits.result import InitResult
-from eva_rl.schema import check_known_fields
 from eva_rl.state import preserve_model_state
 
 logger = logging.getLogger(__name__)
@@ -49,7 +42,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 @dataclass
-class LoraGaConfig:
+class LoraGaConfig(InitSettings):
     """Settings of one LoRA-GA initialisation (PEFT's `LoraGAConfig` defaults)."""
 
     direction: str = "ArB2r"
@@ -82,21 +75,7 @@ class LoraGaConfig:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if not self.stable_gamma > 0:
             raise ValueError(f"stable_gamma must be > 0, got {self.stable_gamma!r}")
-        check_rank_config(self.rank, self.rank_pattern)
-        if int(self.max_batches) < 1:
-            raise ValueError(f"max_batches must be >= 1, got {self.max_batches!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able copy."""
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LoraGaConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        check_known_fields(cls, d, "LoraGaConfig fields")
-        return cls(**d)
+        self.check_shared()
 
 
 def compute_lora_ga(
@@ -190,6 +169,5 @@ def apply_lora_ga(model: nn.Module, adapter_name: str, result: InitResult,
                   adapter_config: AdapterConfig) -> list[str]:
     """Add adapter ``adapter_name`` (method "lora") initialised from ``result``; the
     offset keeps the model's function at init. Returns the adapted paths."""
-    if result.kind != "lora_ga":
-        raise ValueError(f"apply_lora_ga needs a LoRA-GA result, got a {result.kind!r} one")
-    return add_init_adapter(model, adapter_name, result, adapter_config, lora_ga_factors)
+    return add_init_adapter(model, adapter_name, result, adapter_config, lora_ga_factors,
+                            "lora_ga", "LoRA-GA")

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from eva_rl.io import atomic_write, read_checked_json, sha256_file, write_checked_json
+from eva_rl.tensor_files import TensorFiles, load_tensors_with_meta, save_tensors_with_meta
 
 RESULT_FORMAT = "eva-rl-init-result"
 RESULT_VERSION = 1
 TENSORS_FILE = "init.safetensors"
 META_FILE = "init.json"
+FILES = TensorFiles(TENSORS_FILE, META_FILE, RESULT_FORMAT, RESULT_VERSION, "init result")
 FACTORS = ("U", "S", "V")
 
 
@@ -51,49 +50,23 @@ class InitResult:
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``init.safetensors`` + ``init.json`` into ``directory`` (atomically)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
-        if not overwrite and (tensor_path.exists() or meta_path.exists()):
-            raise FileExistsError(f"{d} already holds an init result; pass overwrite=True")
         tensors = {f"{key}/{p}": getattr(self, key)[p].detach().cpu().contiguous()
                    for p in self.paths for key in FACTORS}
-        meta = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "kind": self.kind,
-                "config": self.config, "layers": self.paths, "batches_used": self.batches_used,
-                "seconds": self.seconds, "extra": self.extra}
-
-        def write(tensor_tmp: Path) -> None:
-            # the metadata (with the new tensors' checksum) is renamed in just before the
-            # tensors, as EVA's results: a failure before then leaves an older result intact
-            save_file(tensors, str(tensor_tmp))
-            meta["tensor_sha256"] = sha256_file(tensor_tmp)
-            write_checked_json(meta_path, meta, indent=1)
-
-        atomic_write(tensor_path, write)
-        return d
+        meta = {"kind": self.kind, "config": self.config, "layers": self.paths,
+                "batches_used": self.batches_used, "seconds": self.seconds, "extra": self.extra}
+        return save_tensors_with_meta(directory, FILES, tensors, meta, overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> InitResult:
         """Read a result written by `save`; a clear `ValueError` on missing/corrupt files."""
-        d = Path(directory)
-        tensor_path, meta_path = d / TENSORS_FILE, d / META_FILE
-        if not tensor_path.is_file():
-            raise ValueError(f"{tensor_path}: no init result tensors (file is missing)")
-        meta = read_checked_json(meta_path, RESULT_FORMAT, RESULT_VERSION, "init result")
-        if meta.get("tensor_sha256") != sha256_file(tensor_path):
-            raise ValueError(f"{tensor_path} does not match {meta_path} (checksum differs): "
-                             "modified or damaged since it was written")
-        try:
-            tensors = load_file(str(tensor_path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{tensor_path}: corrupt init result tensors: {err}") from err
+        tensors, meta = load_tensors_with_meta(directory, FILES)
         factors: dict[str, dict[str, torch.Tensor]] = {key: {} for key in FACTORS}
         try:
             for p in meta["layers"]:
                 for key in FACTORS:
                     factors[key][p] = tensors[f"{key}/{p}"]
         except KeyError as e:
-            raise ValueError(f"{tensor_path} lacks tensor {e}") from e
+            raise ValueError(f"{Path(directory) / TENSORS_FILE} lacks tensor {e}") from e
         return cls(kind=meta["kind"], config=meta["config"], **factors,
                    batches_used=int(meta["batches_used"]), seconds=float(meta["seconds"]),
                    extra=meta.get("extra", {}))
