@@ -40,6 +40,7 @@ from eva_rl.io import atomic_dir
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.models.inference import RolloutContext
 from eva_rl.routing import SignatureError, SignaturePool, TaskSignature, model_fingerprint
+from eva_rl.threads import DEFAULT_THREADS, set_threads
 from eva_rl.training.run import (
     ADAPTERS_DIR,
     RUN_KEYS,
@@ -293,9 +294,15 @@ class DTAgent:
 
     # ----------------------------------------------------------------------- on disk
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> DTAgent:
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
+             threads: int | None = DEFAULT_THREADS) -> DTAgent:
         """Load a run directory (config.json, model.safetensors, adapters/<task>/; the
-        format is `eva_rl.training.run`'s)."""
+        format is `eva_rl.training.run`'s).
+
+        `threads`: the torch CPU threads to use from now on, as every script's
+        ``--threads`` (default 1, `eva_rl.threads`; None leaves torch's setting alone).
+        """
+        set_threads(threads)
         path = Path(path)
         cfg = read_run_config(path)
         model = DecisionTransformer(DTConfig.from_dict(cfg["model"]))

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from agents.dt_agent import DTAgent
-from envs import EnvPool, default_pool, final_step_infos, resolve_tasks
+from envs import EnvPool, default_pool, final_step_infos, resolve_task, resolve_tasks
 from eva_rl.adapters import active_adapter, adapter_layers
 from eva_rl.progress import progress_bar
 from eva_rl.state import preserve_model_state
@@ -66,8 +66,16 @@ def evaluate(
     routing: Any = "oracle",
     stop_on_success: bool = False,
     slots: Sequence[int] | None = None,
+    target_return: float | Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
+
+    `target_return`: the return each episode is conditioned on (see `target_returns_for`):
+    one value for every task, or a value per task name; a task it leaves out gets the
+    agent's own target return and, where the agent has none (e.g. a CW10 task on a model
+    pretrained on MT40), the largest target return the agent knows
+    (`fallback_target_return`). Only with ``routing="oracle"``: a router conditions every
+    episode on its own default before it knows the task.
 
     `routing`: ``"oracle"`` (the task is given), a router name of `agents.routing.ROUTERS`
     (with the agent's `routing` settings otherwise) or a `RouterConfig`.
@@ -93,10 +101,12 @@ def evaluate(
     if wave_size < 1:
         raise ValueError(f"wave_size must be >= 1, got {wave_size}")
     names = _unique(resolve_tasks(tasks))
+    told = routing is None or getattr(routing, "router", routing) == "oracle"
+    if target_return is not None and not told:
+        raise ValueError(f"target_return needs routing='oracle': the {routing!r} router "
+                         "conditions every episode on its own default target")
     router = _router(agent, routing)
-    for task in names:
-        if router is None:
-            agent.target_return(task)  # a clear error for a task the agent has no target for
+    targets = None if router is not None else target_returns_for(agent, names, target_return)
     slots = range(len(names)) if slots is None else list(slots)
     if len(slots) != len(names):
         raise ValueError(f"{len(slots)} slots for {len(names)} tasks ({', '.join(names)})")
@@ -109,7 +119,8 @@ def evaluate(
         with pool.vector_env(wave_tasks, [seeds[i] for i in wave], max_episode_steps) as venv:
             parts.append(run_episodes(agent, venv, wave_tasks, progress=progress,
                                       max_steps=max_episode_steps, router=router,
-                                      stop_on_success=stop_on_success))
+                                      stop_on_success=stop_on_success,
+                                      target_returns=targets))
     episodes = _concatenate(parts)
     logger.info("evaluated %d episodes on %d tasks (seeds %d..%d)", len(env_tasks), len(names),
                 min(seeds), max(seeds))
@@ -123,7 +134,8 @@ def evaluate(
             "mean_length": float(length.mean()),
             "n_episodes": len(rows),
             "seeds": [seeds[i] for i in rows],
-            "target_return": agent.target_returns.get(task),
+            "target_return": (agent.target_returns.get(task) if targets is None
+                              else targets[task]),
             "adapter": agent.adapter_for(task),
             "successes": [bool(x) for x in succ],
             "returns": [float(x) for x in ret],
@@ -134,6 +146,53 @@ def evaluate(
                                         for k in episodes["routing"]}
             results[task]["router"] = router.config.router
     return results
+
+
+def fallback_target_return(agent: DTAgent) -> float:
+    """The target return of a task the agent has none for: the largest it knows.
+
+    A Decision Transformer is conditioned on a high return, and the largest target return
+    of the pretraining tasks (each its dataset's best episode return) is the highest
+    return-to-go the model has seen in training: a higher made-up value would condition it
+    on returns-to-go outside its training data. `scripts/evaluate.py --target-return`
+    has the same default. Raises ValueError if the agent knows no target return.
+    """
+    if not agent.target_returns:
+        raise ValueError("the agent knows no target return: pass target_return=")
+    return max(agent.target_returns.values())
+
+
+def target_returns_for(agent: DTAgent, tasks: Sequence[str],
+                       target_return: float | Mapping[str, float] | None = None
+                       ) -> dict[str, float]:
+    """Per (resolved) task, the return `evaluate` conditions it on.
+
+    `target_return`: one value for every task; or a mapping of task names (any spelling
+    `envs.resolve_task` accepts) to values, the tasks it leaves out falling back as with
+    None; or None: the agent's own target return (its pretraining dataset's best episode
+    return), else `fallback_target_return` for a task the agent has none for.
+    """
+    if target_return is not None and not isinstance(target_return, Mapping):
+        value = _finite(target_return, "target_return")
+        return {resolve_task(t): value for t in tasks}
+    given = {resolve_task(t): _finite(v, f"target_return[{t!r}]")
+             for t, v in (target_return or {}).items()}
+    out = {}
+    for task in map(resolve_task, tasks):
+        if task in given:
+            out[task] = given[task]
+        elif task in agent.target_returns:
+            out[task] = agent.target_returns[task]
+        else:
+            out[task] = fallback_target_return(agent)
+    return out
+
+
+def _finite(value: float, name: str) -> float:
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
 
 
 def _step_successes(infos: dict[str, Any], ended: np.ndarray) -> np.ndarray:
@@ -196,8 +255,12 @@ def run_episodes(
     max_steps: int | None = None,
     router: Any = None,
     stop_on_success: bool = False,
+    target_returns: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
+
+    `target_returns`: per task, the return to condition on (default: the agent's own,
+    `agent.target_return`); unused with a `router`.
 
     `max_steps` (the envs' horizon) only sizes the progress bar. `stop_on_success` ends an
     episode at its first success; `venv` must then be a ``SyncVectorEnv`` (its envs are
@@ -219,7 +282,9 @@ def run_episodes(
             f"{agent.config.state_dim}: this model was trained for other observations"
         )
     if router is None:
-        targets = np.array([agent.target_return(t) for t in env_tasks], dtype=np.float32)
+        lookup = agent.target_return if target_returns is None else \
+            (lambda t: target_returns[resolve_task(t)])
+        targets = np.array([lookup(t) for t in env_tasks], dtype=np.float32)
     groups: dict[str | None, np.ndarray] = {}
     adapters = [agent.adapter_for(t) for t in env_tasks]
     for name in dict.fromkeys(adapters):

@@ -18,6 +18,7 @@ import sys
 
 from agents.collection import collect_datasets
 from agents.experts import SACCollector, ScriptedCollector
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 
 from script_cli import ScriptParser, script_main
 
@@ -68,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="tasks collected in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP + "; sac only")
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --out although a process on another host holds its lock")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.collector == "sac":  # the scripted experts need no torch (not even its import)
+        set_threads(args.threads)  # SAC's networks; each --workers process uses one thread
 
     # bad settings, task names, conflicting datasets, an unwritable or busy --out: one
     # error line before anything is collected (script_main)

@@ -21,10 +21,9 @@ import argparse
 import logging
 import sys
 
-import torch
-
 import envs
 from eva_rl.models import PRESETS
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 from eva_rl.training import PretrainConfig, init_distributed, pretrain, pretrain_train_config
 from eva_rl.training.distributed import cleanup
 
@@ -69,9 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --out although a process on another host holds its lock")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is often fastest for the small presets on a "
-                        "busy 2-core machine)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     return p.parse_args(argv)
 
 
@@ -94,8 +91,7 @@ def pretrain_config(args: argparse.Namespace) -> PretrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     # settings, tasks and the device are checked before the process group or any file
     config = pretrain_config(args)
     tasks = envs.resolve_tasks(args.tasks)

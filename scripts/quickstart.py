@@ -26,14 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from agents.collection import collect_datasets
 from agents.experts import ScriptedCollector
 from agents.finetune import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.io import check_writable, write_json_atomic
+from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain, pretrain_train_config
 
 from script_cli import InputError, ScriptParser, script_main
@@ -42,9 +41,10 @@ PRETRAIN_TASKS = ("reach-v3", "door-open-v3", "drawer-close-v3", "button-press-v
                   "plate-slide-v3", "window-open-v3")
 FINETUNE_TASKS = ("faucet-close-v3", "window-close-v3")
 METHODS = ("lora", "eva", "eva_dora")
-# Chosen by measurement (see the notes of issue 11): with 10 expert episodes per task,
-# `eva` and `eva_dora` solve window-close (zero-shot 0.2) within ~100 updates at lr 3e-3,
-# while longer runs or 30 episodes of data made its success swing between 0 and 1.
+# Chosen by measurement when the quickstart was made: with 10 expert episodes per task,
+# `eva` and `eva_dora` solve window-close (zero-shot 0.1-0.2) within ~100 updates at lr
+# 3e-3, while longer runs or 30 episodes of data made its success swing between 0 and 1.
+# What it prints on the development machine: docs/benchmarks.md, "The quickstart".
 FINETUNE_STEPS = 100
 FINETUNE_LR = 3e-3
 EVAL_EPISODES = 10
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
                    help="episodes per task and evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see finetune.py)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("eva_rl.progress").setLevel(logging.INFO)  # progress lines off a terminal
-    torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     out = Path(args.out)
     data, pre, ft = out / "data", out / "pretrain", out / "finetune"
     # every setting and the output location, before step 1 writes anything

@@ -172,9 +172,45 @@ def _episode_rewards(agent, task, seed, n, steps):
     return out
 
 
-def test_evaluate_needs_target_returns():
-    with pytest.raises(ValueError, match="known tasks: hammer-v3, push-wall-v3"):
-        evaluate(tiny_agent(), ["reach"], n_episodes=1, progress=False)
+def test_evaluate_needs_some_target_return():
+    agent = tiny_agent()
+    agent.target_returns.clear()
+    with pytest.raises(ValueError, match="knows no target return: pass target_return="):
+        evaluate(agent, ["reach"], n_episodes=1, progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        evaluate(tiny_agent(), ["reach"], n_episodes=1, progress=False,
+                 target_return=float("nan"))
+    with pytest.raises(ValueError, match="needs routing='oracle'"):
+        evaluate(tiny_agent(), ["hammer"], n_episodes=1, progress=False, routing="obs",
+                 target_return=100.0)
+
+
+def test_unknown_task_gets_the_largest_known_target_return():
+    """A task the agent was not pretrained on (zero-shot) is conditioned on the largest
+    target return it knows; the episodes are those of an agent told that target."""
+    results = evaluate(tiny_agent(), ["hammer", "reach-v2"], n_episodes=1, seed=3,
+                       max_episode_steps=STEPS, progress=False)
+    assert results["reach-v3"]["target_return"] == 600.0  # max(hammer 600, push-wall 300)
+    assert results["hammer-v3"]["target_return"] == 600.0
+    told = tiny_agent()
+    told.target_returns["reach-v3"] = 600.0
+    assert results == evaluate(told, ["hammer", "reach"], n_episodes=1, seed=3,
+                               max_episode_steps=STEPS, progress=False)
+
+
+def test_target_return_one_value_or_per_task_changes_the_episodes():
+    kw = dict(n_episodes=1, seed=3, max_episode_steps=STEPS, progress=False)
+    one = evaluate(tiny_agent(), list(TASKS), target_return=50.0, **kw)
+    assert [r["target_return"] for r in one.values()] == [50.0, 50.0]
+    told = tiny_agent()
+    told.target_returns.update({t: 50.0 for t in TASKS})
+    assert one == evaluate(told, list(TASKS), **kw)
+    default = evaluate(tiny_agent(), list(TASKS), **kw)
+    assert one["hammer-v3"]["returns"] != default["hammer-v3"]["returns"]
+    # per task: the named one changes, the one left out keeps the agent's own target
+    per_task = evaluate(tiny_agent(), list(TASKS), target_return={"hammer": 50.0}, **kw)
+    assert per_task["hammer-v3"] == one["hammer-v3"]
+    assert per_task["push-wall-v3"] == default["push-wall-v3"]
 
 
 @torch.inference_mode()

@@ -289,3 +289,61 @@ def test_mean_success_curves_average_tasks_and_seeds_at_shared_steps():
     assert curves["lora"]["stderr"][0] == 0.0
     assert curves["eva"]["steps"] == [0, 10]  # only the updates every record has
     assert curves["eva"]["mean"] == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _entry(avg, per_task=(0.5, 0.5), stderr=0.1):
+    est = {"value": avg, "ci": [avg - 0.05, avg + 0.05]}
+    return {"tasks": TASKS, "average": {"mean": avg},
+            "per_task": {t: {"mean": m, "stderr": stderr}
+                         for t, m in zip(TASKS, per_task, strict=True)},
+            "comparison": {"mean": est, "iqm": est, "p_improvement": est, "runs": 3}}
+
+
+def test_plots_give_each_method_its_colour_and_order_methods_by_score():
+    from matplotlib.colors import to_hex
+
+    from agents.reports.plots import (
+        METHOD_COLORS,
+        SE_BAND_LABEL,
+        figure_comparison,
+        figure_success_curves,
+        figure_success_per_task,
+        method_color,
+    )
+
+    named = {to_hex(c) for c in METHOD_COLORS.values()}
+    assert len(named) == len(METHOD_COLORS)  # every named method is told apart
+    assert {"lora", "eva", "eva_dora", "fft", "dora", "pissa", "olora", "adalora",
+            "eva_reverse"} <= set(METHOD_COLORS)
+    other = method_color("my_method")
+    assert other == method_color("my_method") and to_hex(other) not in named
+    methods = {"lora": _entry(0.4), "eva": _entry(0.7), "fft": _entry(0.5)}
+    for order in (methods, dict(reversed(methods.items()))):  # the input order does not matter
+        bars = figure_success_per_task(order, "single").axes[0]
+        legend = [t.get_text() for t in bars.get_legend().get_texts()]
+        assert legend == ["eva (0.70)", "fft (0.50)", "lora (0.40)"]
+        bar_sets = [c for c in bars.containers if hasattr(c, "patches")]
+        patches = {label: to_hex(c.patches[0].get_facecolor())
+                   for label, c in zip(legend, bar_sets, strict=True)}
+        assert patches["lora (0.40)"] == to_hex(method_color("lora"))
+        assert patches["eva (0.70)"] == to_hex(method_color("eva"))
+        rows = figure_comparison(order, "single").axes[0]
+        assert [t.get_text() for t in rows.get_yticklabels()] == ["eva", "fft", "lora"]
+    curves = {m: {"steps": [0, 5, 10], "mean": [0.1, 0.3, e["average"]["mean"]],
+                  "stderr": [0.0, 0.05, 0.05]} for m, e in methods.items()}
+    ax = figure_success_curves(curves, "single").axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["eva (0.70)", "fft (0.50)", "lora (0.40)", SE_BAND_LABEL]
+    assert "one standard error" in SE_BAND_LABEL
+    lines = {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()}
+    assert lines["fft (0.50)"] == to_hex(method_color("fft"))
+
+
+def test_report_definitions_state_the_forward_transfer_rule_for_solved_references(written):
+    md = written[1]["report"].read_text()
+    definition = next(line for line in md.splitlines()
+                      if line.startswith("- **forward transfer**"))
+    assert "AUC_ref is 1" in definition and "mean AUC - 1" in definition

@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from agents.reports.results import mean_success_curves, short_name
 from agents.reports.statistics import REFERENCE_METHOD
 from eva_rl import metrics
 from eva_rl.io import atomic_write
+
+# One colour per method in every plot of every report (matplotlib's tab10), so a method
+# keeps its colour whichever methods a report holds and in whatever order.
+METHOD_COLORS: dict[str, str] = {
+    "lora": "tab:blue", "eva": "tab:orange", "dora": "tab:green", "eva_dora": "tab:red",
+    "pissa": "tab:purple", "olora": "tab:brown", "adalora": "tab:pink", "fft": "tab:gray",
+    "eva_reverse": "tab:olive", "eva_state": "tab:cyan", "eva_type_centered": "navy",
+    "eva_lora_norm": "teal", "corda_ipm": "goldenrod", "corda_kpm": "sienna",
+    "lora_ga": "indigo",
+}
+# methods registered elsewhere: a fixed colour per name (a checksum, not Python's salted hash)
+_OTHER_COLORS = ("crimson", "olivedrab", "orchid", "darkslategray", "peru", "slateblue",
+                 "darkkhaki", "lightcoral", "cadetblue", "rosybrown")
+
+SE_BAND_LABEL = "band: ± one standard error over (task, seed) runs"
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every plot (`METHOD_COLORS`; another name gets a fixed
+    colour of its own, derived from the name)."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _OTHER_COLORS[zlib.crc32(method.encode()) % len(_OTHER_COLORS)]
+
+
+def by_score(scores: dict[str, float]) -> list[str]:
+    """Method names, best score first (ties by name), the order of every method plot."""
+    return sorted(scores, key=lambda m: (-scores[m], m))
 
 
 def _heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str,
@@ -61,41 +91,54 @@ def figure_success_over_sequence(entry: dict, method: str) -> Figure:
 
 
 def figure_success_per_task(methods: dict, protocol: str) -> Figure:
-    """Grouped bars: final success per task for every method (mean ± s.e. over seeds)."""
+    """Grouped bars: final success per task for every method (mean ± one standard error
+    over seeds), methods by their average success, best first."""
     tasks = next(iter(methods.values()))["tasks"]
     fig = Figure(figsize=(max(6, 0.9 * len(tasks) + 2), 4), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(1, len(methods))
-    for k, (method, e) in enumerate(methods.items()):
+    order = by_score({m: e["average"]["mean"] for m, e in methods.items()})
+    for k, method in enumerate(order):
+        e = methods[method]
         means = [e["per_task"][t]["mean"] for t in tasks]
         errs = [np.nan_to_num(e["per_task"][t]["stderr"] or 0.0) for t in tasks]
         x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=errs, label=f"{method} ({e['average']['mean']:.2f})")
+        ax.bar(x, means, width, yerr=errs, color=method_color(method),
+               label=f"{method} ({e['average']['mean']:.2f})")
     ax.set_xticks(range(len(tasks)), [short_name(t) for t in tasks], rotation=45, ha="right",
                   fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate")
-    ax.set_title(f"success per task — {protocol} protocol", fontsize=9)
+    ax.set_title(f"success per task — {protocol} protocol\n(error bars: ± one standard "
+                 "error over seeds; legend: average success)", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
 
 def figure_success_curves(curves: dict[str, dict], protocol: str) -> Figure:
-    """Mean success over tasks and seeds against fine-tuning updates, one line per method
-    (band: ± one standard error over the (task, seed) runs)."""
+    """Mean success over tasks and seeds against fine-tuning updates, one line per method,
+    methods by their final mean success, best first (band: ± one standard error over the
+    (task, seed) runs, named in the legend)."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    for k, (method, c) in enumerate(curves.items()):
+    banded = False
+    for method in by_score({m: c["mean"][-1] for m, c in curves.items()}):
+        c = curves[method]
         steps, mean = np.asarray(c["steps"]), np.asarray(c["mean"])
-        ax.plot(steps, mean, marker="o", color=f"C{k % 10}", label=method)
+        color = method_color(method)
+        ax.plot(steps, mean, marker="o", color=color, label=f"{method} ({mean[-1]:.2f})")
         if c["stderr"] is not None:
             err = np.asarray(c["stderr"])
-            ax.fill_between(steps, mean - err, mean + err, color=f"C{k % 10}", alpha=0.15)
+            ax.fill_between(steps, mean - err, mean + err, color=color, alpha=0.15)
+            banded = True
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("fine-tuning updates")
     ax.set_ylabel("mean success over tasks and seeds")
     ax.set_title(f"success vs updates — {protocol} protocol", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    handles, _ = ax.get_legend_handles_labels()
+    if banded:
+        handles.append(Patch(color="grey", alpha=0.3, label=SE_BAND_LABEL))
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return fig
 
@@ -125,8 +168,10 @@ def figure_eva_ranks(run: dict) -> Figure | None:
 
 def figure_comparison(methods: dict, protocol: str) -> Figure:
     """rliable's interval plot: per method (rows) its mean, IQM and probability of
-    improvement over the reference (panels), point estimates with their 95% intervals."""
-    names = list(methods)
+    improvement over the reference (panels), point estimates with their 95% intervals;
+    methods by their mean success, best on top."""
+    names = by_score({m: e["comparison"]["mean"]["value"] if e["comparison"]["mean"]
+                      else e["average"]["mean"] for m, e in methods.items()})
     panels = (("mean", "mean success"), ("iqm", "IQM success"),
               ("p_improvement", f"P(method > {REFERENCE_METHOD})"))
     fig = Figure(figsize=(10, 1.2 + 0.45 * len(names)), layout="constrained")
@@ -140,7 +185,7 @@ def figure_comparison(methods: dict, protocol: str) -> Figure:
                     ax.text(0.5, row, "reference", ha="center", va="center", fontsize=8,
                             bbox={"facecolor": "white", "edgecolor": "none"})
                 continue
-            color = f"C{row % 10}"
+            color = method_color(method)
             if est["ci"] is None:
                 no_interval = True
                 ax.plot(est["value"], row, marker="o", markerfacecolor="none", color=color)

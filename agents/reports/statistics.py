@@ -49,7 +49,10 @@ DEFINITIONS: dict[str, str] = {
            "Continual World's rule",
     "forward transfer": "per task (mean AUC - mean AUC_ref) / (1 - mean AUC_ref), means "
                         "over seeds, AUC_ref from `single` runs of the same method and "
-                        "pretrained model, then averaged over tasks (Continual World); "
+                        "pretrained model, then averaged over tasks (Continual World); a "
+                        "task whose mean AUC_ref is 1 leaves no room to improve and the "
+                        "ratio is undefined, so it counts the plain difference mean AUC - 1 "
+                        "(0 or negative; `eva_rl.metrics.forward_transfer_per_task`); "
                         "`forward_transfer_mean_of_ratios` in summary.json is the mean of "
                         "per-seed ratios instead",
     "IQM": "interquartile mean of the final success over all (task, seed) runs (rliable)",

@@ -26,11 +26,11 @@ from eva_rl.schema import check_known_fields
 
 MODALITIES = ("state", "rtg", "action", "reward")
 
-# Sizes chosen from the measured CPU step times in benchmark-facts.md: `small` (0.6M
-# parameters in the blocks) is for experiments on this CPU, `tiny` for tests, `paper` is
-# the EVA paper's model (GPU-sized). `small` skips dropout on attention weights: on the
-# CPU that dropout forces torch's unfused attention and measured ~2x slower training
-# steps (scripts/bench/bench_dt.py).
+# Sizes chosen from the measured CPU step times (scripts/bench/bench_dt.py; the figures
+# are in docs/benchmarks.md): `small` (0.6M parameters in the blocks) is for experiments
+# on a CPU, `tiny` for tests and the `bench` tier, `paper` is the EVA paper's model
+# (GPU-sized). `small` skips dropout on attention weights: on the CPU that dropout forces
+# torch's unfused attention and measured ~2x slower training steps.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, context_len=5, dropout=0.0),
     "small": dict(n_layer=3, n_head=4, n_embd=128, context_len=20, dropout=0.1,

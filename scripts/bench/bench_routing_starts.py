@@ -11,7 +11,7 @@ signatures were computed from (in-sample): this is for choosing settings, the ro
 `scripts/evaluate.py --routing eva` are the measurement.
 
 The bench tier's router settings were chosen with it on the MT40 tasks held out of the
-tier's pretraining, never on CW10 (README):
+tier's pretraining, never on CW10 (docs/benchmarks.md):
     python scripts/bench/bench_routing_starts.py --pretrained runs/bench/pretrained \
         --data runs/bench/data --tasks stick-push,peg-insert-side,sweep-into,coffee-push,door-close
 """
