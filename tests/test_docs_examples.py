@@ -174,11 +174,18 @@ def run_shell(block: Block, code: str) -> None:
 
 
 def run_python(block: Block, code: str) -> None:
+    from agents.methods import METHODS
+
     namespace = {"__name__": "__main__"}
     # padded so that a traceback names the document's own line numbers
     source = "\n" * block.line + code
-    with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(source, str(block.doc), "exec"), namespace)
+    registered = dict(METHODS)  # an example may register a method: not for later tests
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(source, str(block.doc), "exec"), namespace)
+    finally:
+        METHODS.clear()
+        METHODS.update(registered)
 
 
 def prepared_code(block: Block) -> str:
