@@ -27,7 +27,7 @@ import math
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from agents.finetune import CONFIGS, FinetuneConfig
 from agents.methods import METHODS
 from agents.protocols import Experiment
+from agents.tuning import check_grid, read_choice, trial_experiment, write_tuning_report
 from envs import CW10, MT40, resolve_task, resolve_tasks
 from eva_rl.io import read_versioned_json, sha256_file, write_json_atomic
 from eva_rl.schema import check_known_fields
@@ -47,7 +48,7 @@ COSTS_FILE = "costs.json"
 COSTS_FORMAT = "eva-rl-tier-costs"
 FINGERPRINTS_FILE = "fingerprints.json"
 MACHINE_FILE = "machine.json"
-STAGES = ("collect", "pretrain", "single", "sequential")
+STAGES = ("collect", "pretrain", "tune", "single", "sequential")
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,27 @@ class Tier:
     threads: int = 1
     """Torch threads of pretraining and of each fine-tuning cell (results are exactly
     reproducible on the CPU for the same thread count)."""
+    tuning: dict[str, tuple[dict[str, Any], ...]] | None = None
+    """The tuning stage's grid (`agents.tuning`): per method of ``methods`` and
+    ``sequential_methods``, the same number of settings to try on ``tuning_tasks``; the
+    `single` and `sequential` stages then train every method with the settings chosen
+    there. None: no tuning stage, every method at ``finetune``'s settings."""
+    tuning_seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of every tuning trial."""
 
     def __post_init__(self) -> None:
         for name, value in _checked_fields(self).items():
             object.__setattr__(self, name, value)  # task names resolved, sequences tuples
+        if self.tuning is not None:
+            grid = {m: tuple(dict(s) for s in trials) if isinstance(trials, (list, tuple))
+                    else trials for m, trials in dict(self.tuning).items()}
+            try:
+                check_grid(grid, tuple(dict.fromkeys(self.methods + self.sequential_methods)))
+            except ValueError as err:
+                raise ValueError(f"tier {self.name}: {err}") from None
+            if not self.tuning_tasks:
+                raise ValueError(f"tier {self.name}: a tuning grid needs tuning_tasks")
+            object.__setattr__(self, "tuning", grid)
         overlap = set(self.pretrain_tasks) & (set(self.tasks) | set(self.tuning_tasks))
         if overlap:
             raise ValueError(f"tier {self.name}: pretraining tasks overlap the tuning or "
@@ -108,6 +126,10 @@ class Tier:
         d["pretrain"] = dataclasses.asdict(self.pretrain)
         d["pretrain"]["train"] = self.pretrain.train.to_dict()
         d["finetune"] = self.finetune.to_dict()
+        if self.tuning is None:  # tiers written before tuning existed compare equal
+            del d["tuning"], d["tuning_seeds"]
+        else:
+            d["tuning"] = {m: [dict(s) for s in trials] for m, trials in self.tuning.items()}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -126,7 +148,7 @@ class Tier:
 
 
 _LIST_FIELDS = ("noise", "pretrain_tasks", "tuning_tasks", "tasks", "methods", "seeds",
-                "sequential_methods")
+                "sequential_methods", "tuning_seeds")
 # a tier's name names directories (runs/<name>, docs/results/<name>): one plain component
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -164,8 +186,11 @@ def _checked_fields(tier: Tier) -> dict[str, Any]:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                and v >= 0 for v in out["noise"]):
         raise bad("noise", "a list of finite numbers >= 0")
-    if not all(count(s, 0) for s in out["seeds"]):
-        raise bad("seeds", "a list of integers >= 0")
+    for field in ("seeds", "tuning_seeds"):
+        if not all(count(s, 0) for s in out[field]):
+            raise bad(field, "a list of integers >= 0")
+    if tier.tuning is not None and not isinstance(tier.tuning, Mapping):
+        raise bad("tuning", "an object of method -> list of settings")
     for field in ("methods", "sequential_methods"):
         unknown = [m for m in out[field] if not (isinstance(m, str) and m in METHODS)]
         if unknown:
@@ -291,21 +316,50 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def single_experiment(tier: Tier, root: str | Path) -> Experiment:
-    """The tier's `single` experiment on the data and pretrained model in ``root``."""
+def tuned_config(tier: Tier, root: str | Path, methods: Sequence[str],
+                 chosen: Mapping[str, Mapping[str, Any]] | None = None) -> FinetuneConfig:
+    """``tier.finetune`` with every method's settings chosen by the tuning stage (from
+    ``chosen``, else ``root/tuning/choice.json``); ``tier.finetune`` for a tier without
+    a tuning grid."""
+    if tier.tuning is None:
+        return tier.finetune
+    chosen = read_choice(root, tier) if chosen is None else chosen
+    return tier.finetune.replace(method_settings={m: dict(chosen[m]) for m in methods})
+
+
+def single_experiment(tier: Tier, root: str | Path,
+                      chosen: Mapping[str, Mapping[str, Any]] | None = None) -> Experiment:
+    """The tier's `single` experiment on the data and pretrained model in ``root`` (with the
+    tuned settings: ``chosen``, else the tuning stage's choice in ``root``)."""
     paths = tier_paths(root)
     return Experiment(pretrained=str(paths.pretrained), data=str(paths.data), tasks=tier.tasks,
                       methods=tier.methods, seeds=tier.seeds, protocol="single",
-                      config=tier.finetune)
+                      config=tuned_config(tier, root, tier.methods, chosen))
 
 
-def sequential_experiment(tier: Tier, root: str | Path) -> Experiment:
+def sequential_experiment(tier: Tier, root: str | Path,
+                          chosen: Mapping[str, Mapping[str, Any]] | None = None) -> Experiment:
     """The tier's `sequential` experiment (rows of ``sequential_final_episodes``)."""
     paths = tier_paths(root)
-    config = tier.finetune.replace(final_eval_episodes=tier.sequential_final_episodes)
+    config = tuned_config(tier, root, tier.sequential_methods, chosen).replace(
+        final_eval_episodes=tier.sequential_final_episodes)
     return Experiment(pretrained=str(paths.pretrained), data=str(paths.data), tasks=tier.tasks,
                       methods=tier.sequential_methods, seeds=tier.seeds,
                       protocol="sequential", config=config)
+
+
+def tune_tier(tier: Tier, root: str | Path,
+              run: Callable[[Experiment, Path], Any]) -> dict[str, dict[str, Any]] | None:
+    """The tuning stage: every trial of the tier's grid as a `single` experiment
+    (``run(exp, run_dir)``, e.g. `agents.protocols.run_experiment` with an executor,
+    continuing what was started), then the choice (`agents.tuning.write_tuning_report`).
+    None for a tier without a grid."""
+    if tier.tuning is None:
+        return None
+    paths = tier_paths(root)
+    for index in range(len(next(iter(tier.tuning.values())))):
+        run(*trial_experiment(tier, paths, index))
+    return write_tuning_report(tier, paths)
 
 
 def write_tier_file(tier: Tier, path: str | Path) -> Path:
@@ -350,12 +404,21 @@ def check_stage(tier: Tier, root: str | Path, stage: str, after: Sequence[str] =
     paths = tier_paths(root)
     if stage == "pretrain" and "collect" not in after:
         open_datasets(paths.data, tier.pretrain_tasks)  # DatasetError names the directory
-    elif stage in ("single", "sequential"):
-        check_stage_dir(tier, root, stage)
+    elif stage == "tune" and tier.tuning is not None:
         if "pretrain" not in after and not (paths.pretrained / WEIGHTS_FILE).is_file():
             raise ValueError(f"{paths.pretrained}: no pretrained model yet; run the pretrain "
                              "stage first (add it to --stages)")
-        if not {"collect", "pretrain"} & set(after):
+        if "collect" not in after:
+            open_datasets(paths.data, tier.tuning_tasks)
+    elif stage in ("single", "sequential"):
+        if tier.tuning is not None and "tune" not in after:
+            read_choice(root, tier)  # the settings it trains with
+        if tier.tuning is None or "tune" not in after:
+            check_stage_dir(tier, root, stage)
+        if "pretrain" not in after and not (paths.pretrained / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{paths.pretrained}: no pretrained model yet; run the pretrain "
+                             "stage first (add it to --stages)")
+        if not {"collect", "pretrain", "tune"} & set(after):
             check_inputs(stage_experiment(tier, root, stage)[0])  # the model and the data
         elif "collect" not in after:
             open_datasets(paths.data, tier.tasks)

@@ -81,7 +81,9 @@ from agents.tiers import (
     read_fingerprints,
     read_tier_file,
     single_experiment,
+    tuned_config,
 )
+from agents.tuning import read_choice
 from envs import resolve_task
 from eva_rl.io import check_writable, read_versioned_json, sha256_file, write_json_atomic
 from eva_rl.metrics import success_auc
@@ -233,7 +235,8 @@ def published_record(results_dir: Path, tier: Tier, method: str, task: str,
     if problem:
         raise InputError(f"{path}: record {label}: {problem}")
     config = run.get("config")
-    changed = experiment_differences(config, tier.finetune.to_dict()) \
+    tuned = tuned_config(tier, results_dir, tier.methods)  # a tuned tier: its chosen settings
+    changed = experiment_differences(config, tuned.to_dict()) \
         if isinstance(config, dict) else ["no config"]
     if changed:
         raise InputError(f"{path}: the run of {label} was not made with the tier's fine-tuning "
@@ -575,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results)
     tier, task, published, saved = read_publication(results_dir, args.method, args.task,
                                                     args.seed)
+    # a tuned tier's cells train with the settings its tuning stage chose (published)
+    chosen = read_choice(results_dir, tier) if tier.tuning is not None else None
     if args.work is None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tier.name):
         raise InputError(f"tier name {tier.name!r} cannot name a directory; pass --work")
     work = Path(args.work or f"runs/reproduce-{tier.name}")
@@ -591,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         collect_tier_data(tier, work, needed, workers=args.workers, progress=progress)
         pretrain_tier(tier, work, progress)
 
-        exp = single_experiment(tier, work)
+        exp = single_experiment(tier, work, chosen)
         exp.config = exp.config.replace(progress=progress)
         index = tier.tasks.index(task)
         run = work / f"cell-{args.method}-{task}-seed{args.seed}"

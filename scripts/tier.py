@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import resource
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from agents.executors import Executor, LocalExecutor, RayExecutor
-from agents.protocols import run_experiment
+from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, load_results, merge_results, summarize, write_report
 from agents.tier_records import DIGESTS_KEY, record_digests
 from agents.tiers import (
@@ -61,7 +62,10 @@ from agents.tiers import (
     stage_experiment,
     tier_paths,
     timed_stage,
+    tune_tier,
 )
+from agents.tuning import CHOICE_FILE, PLOT_FILE, TUNING_DIR
+from agents.tuning import REPORT_FILE as TUNING_REPORT
 from eva_rl.io import check_writable, move_aside, write_json_atomic, write_text_atomic
 from eva_rl.runlock import RunLock, carry_lock, is_empty_dir
 from eva_rl.training import WEIGHTS_FILE
@@ -72,6 +76,7 @@ REPORT_DIR = "report"
 COSTS_REPORT = "costs.md"
 PUBLISHED = ("results.json", "results.csv", "report.md", "plots", COSTS_REPORT)
 FINETUNE_STAGES = ("single", "sequential")
+TUNING_PUBLISHED = (CHOICE_FILE, TUNING_REPORT, PLOT_FILE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,6 +210,13 @@ def finetune_stage(tier: Tier, out: Path, protocol: str, executor: Executor,
                    progress: bool, force_unlock: bool = False) -> None:
     """The `single` or `sequential` experiment, continued if it was started."""
     exp, run_dir = stage_experiment(tier, out, protocol)
+    run_stage_experiment(exp, run_dir, tier, executor, progress, force_unlock)
+
+
+def run_stage_experiment(exp: Experiment, run_dir: Path, tier: Tier, executor: Executor,
+                         progress: bool, force_unlock: bool = False) -> None:
+    """One experiment of a stage (a fine-tuning protocol or a tuning trial), continued if
+    it was started, on the tier's threads."""
     exp.config = exp.config.replace(progress=progress)
     torch.set_num_threads(tier.threads)
     run_experiment(exp, run_dir, resume=True, executor=executor, report=True,
@@ -276,6 +288,11 @@ def _copy_outputs(tier: Tier, out: Path, dest: Path,
             else:
                 shutil.copy2(src, target)
             copied.append(target)
+    for name in TUNING_PUBLISHED:  # the tuning table, plot and choice (no trial runs)
+        src = out / TUNING_DIR / name
+        if src.exists():
+            (dest / TUNING_DIR).mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copy2(src, dest / TUNING_DIR / name)))
     return copied
 
 
@@ -329,6 +346,10 @@ def run_stages(args: argparse.Namespace, tier: Tier, out: Path, executor: Execut
                                   force_unlock=args.force_unlock)
             elif stage == "pretrain":
                 pretrain_tier(tier, out, progress, force_unlock=args.force_unlock)
+            elif stage == "tune":
+                tune_tier(tier, out, functools.partial(
+                    run_stage_experiment, tier=tier, executor=executor, progress=progress,
+                    force_unlock=args.force_unlock))
             else:
                 finetune_stage(tier, out, stage, executor, progress, args.force_unlock)
     print(f"\n{time.perf_counter() - t0:.0f} s this session; costs per stage: "
