@@ -1,4 +1,5 @@
-"""Things that act and learn in Meta-World: the DT agent, experts, evaluation, protocols.
+"""Things that act and learn in Meta-World: the DT agent (told the task, or routed:
+`RoutedAgent`), experts, evaluation, protocols.
 
     from agents import DTAgent, evaluate
     agent = DTAgent.load("runs/pretrain-small")
@@ -14,6 +15,7 @@ from agents.lazy import lazy_exports
 
 _EXPORTS = {
     "DTAgent": "agents.dt_agent",
+    "RoutedAgent": "agents.routed_agent",
     "evaluate": "agents.evaluation",
     "run_episodes": "agents.evaluation",
     "ScriptedExpert": "agents.experts",

@@ -11,9 +11,9 @@ to `predict`. The design here:
   `evaluate_policy(agent, env, callback=agent.sb3_callback)`. Without the callback the
   return-to-go stays at the task's target (logged once as a warning).
 - `act(obs)` / `observe(reward)` are the single-env convenience pair.
-- With task signatures (`add_signature`, see `agents.routing`), `set_task(None)` lets the
-  agent choose each episode's adapter itself (`routing`: which router, after how many
-  observations).
+- The agent acts in the task it is told. To choose each episode's adapter without being
+  told, wrap it: `agents.routed_agent.RoutedAgent(agent, router)` is a policy with the same
+  methods, accepted wherever an agent is.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from eva_rl.adapters import (
 from eva_rl.io import atomic_dir
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.models.inference import RolloutContext
-from eva_rl.routing import SignatureError, SignaturePool, TaskSignature, model_fingerprint
+from eva_rl.routing import model_fingerprint
 from eva_rl.threads import DEFAULT_THREADS, set_threads
 from eva_rl.training.run import (
     ADAPTERS_DIR,
@@ -103,10 +103,6 @@ class DTAgent:
         self.task: str | None = None
         self.run_config: dict[str, Any] | None = None  # config.json of a loaded run
         self._context: RolloutContext | None = None
-        self.signatures = SignaturePool()  # what the routers choose among, by adapter
-        self.routing = None  # RouterConfig of set_task(None); None = RouterConfig()
-        self._routed = False
-        self._router: Any = None
 
     # ----------------------------------------------------------------- tasks and adapters
     @property
@@ -134,35 +130,17 @@ class DTAgent:
         """`eva_rl.routing.model_fingerprint` of the base weights (adapters excluded)."""
         return model_fingerprint(self.base_state_dict())
 
-    def add_signature(self, signature: TaskSignature, name: str | None = None) -> None:
-        """Let the routers choose adapter `name` (default: the signature's task) for windows
-        its signature explains; a signature of another base model is refused."""
-        if signature.fingerprint != self.fingerprint():
-            raise SignatureError(f"task {signature.task}: its signature was computed on "
-                                 "another base model (fingerprint mismatch)")
-        self.signatures.add(signature, name)
-
-    def make_router(self, config: Any = None) -> Any:
-        """The `agents.routing.Router` of `config` (default: `self.routing`)."""
-        from agents.routing import Router, RouterConfig
-
-        return Router(self, config or self.routing or RouterConfig())
-
-    def set_task(self, name: str | None, target_return: float | None = None) -> str | None:
+    def set_task(self, name: str, target_return: float | None = None) -> str:
         """Select the task to act in (returns its resolved name) and reset the context.
 
         Activates the adapter named after the task if the model has one, else the bare
-        base model. `target_return` adds or replaces the task's target return. `None`:
-        no task given, the agent routes each episode itself (needs signatures).
+        base model. `target_return` adds or replaces the task's target return. To act
+        without being told the task, wrap the agent in `agents.routed_agent.RoutedAgent`.
         """
         if name is None:
-            self._router = self.make_router()
-            self.task = None
-            self._routed = True
-            self.use_adapter(None)
-            self.reset()
-            return None
-        self._routed = False
+            raise ValueError("set_task(None): a DTAgent acts in the task it is told; to "
+                             "choose each episode's adapter without being told, wrap it: "
+                             "RoutedAgent(agent, RouterConfig(...)) (agents.routed_agent)")
         task = resolve_task(name)
         if target_return is not None:
             self.target_returns[task] = float(target_return)
@@ -185,7 +163,9 @@ class DTAgent:
             reward_scale=self.reward_scale, device=self.device,
         )
 
-    def _check_obs(self, obs: Any) -> tuple[np.ndarray, bool]:
+    def check_obs(self, obs: Any) -> tuple[np.ndarray, bool]:
+        """`obs` as a float32 ``(n_envs, state_dim)`` array and whether it was one env's
+        ``(state_dim,)``; a clear error for any other shape."""
         arr = np.asarray(obs, dtype=np.float32)
         single = arr.ndim == 1
         if single:
@@ -200,8 +180,8 @@ class DTAgent:
 
     def _require_task(self) -> str:
         if self.task is None:
-            raise RuntimeError("no task selected: call agent.set_task(name) first "
-                               "(or set_task(None) to route with signatures)")
+            raise RuntimeError("no task selected: call agent.set_task(name) first (or wrap "
+                               "the agent in agents.routed_agent.RoutedAgent to route)")
         return self.task
 
     def reset(self) -> None:
@@ -222,9 +202,7 @@ class DTAgent:
         is deterministic, so `deterministic` has no effect. Feed rewards to the returned
         context (`sb3_callback` does it inside SB3's `evaluate_policy`).
         """
-        obs, single = self._check_obs(observation)
-        if self._routed:
-            return self._predict_routed(obs, single, state, episode_start)
+        obs, single = self.check_obs(observation)
         task = self._require_task()
         self.model.eval()  # as SB3's predict: inference mode (no dropout)
         n = len(obs)
@@ -247,28 +225,6 @@ class DTAgent:
         action = state.next_actions().cpu().numpy()
         return (action[0] if single else action), state
 
-    def _predict_routed(self, obs: np.ndarray, single: bool, state: Any,
-                        episode_start: np.ndarray | None) -> tuple[np.ndarray, Any]:
-        from agents.routing import RoutedContext, routed_actions
-
-        self.model.eval()
-        router = self._router
-        n = len(obs)
-        if state is None:
-            state = RoutedContext(self.model, n, self.state_mean, self.state_std,
-                                  router.default_target(), reward_scale=self.reward_scale,
-                                  device=self.device)
-        elif not isinstance(state, RoutedContext) or state.n_envs != n:
-            raise ValueError("state must be None or the routed context predict returned "
-                             f"for {n} envs")
-        elif episode_start is not None:
-            starts = np.asarray(episode_start, dtype=bool).reshape(-1)
-            if starts.any():
-                state.reset(starts, target_returns=state.default_target)
-        state.push_observations(obs)
-        action = routed_actions(self, state, router)
-        return (action[0] if single else action), state
-
     def sb3_callback(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
         """Feed each step's reward to the context; pass as `evaluate_policy(..., callback=)`.
 
@@ -280,7 +236,7 @@ class DTAgent:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action ``(act_dim,)`` for one env's observation; call `observe` after the step."""
-        arr, _ = self._check_obs(obs)
+        arr, _ = self.check_obs(obs)
         if arr.shape[0] != 1:
             raise ValueError("act() takes one observation; use predict() for a batch")
         action, self._context = self.predict(arr[0], state=self._context)

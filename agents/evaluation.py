@@ -14,14 +14,14 @@ return-to-go follows RTG <- min(RTG - r / scale, target / scale); an episode suc
 its first success (its success is known then; its return and length count up to there)
 and its env is not stepped again, which saves most of the physics of a good policy.
 
-`routing` other than ``"oracle"`` does not tell the agent the tasks: each episode picks its
-adapter with the agent's router (`agents.routing`), and each task's result gains a
-``routing`` entry (per episode: chosen adapter, decided, share of correct decisions).
+A `agents.routed_agent.RoutedAgent` in the agent's place is not told the tasks: each episode
+picks its adapter with its router (`agents.routing`), and each task's result gains a
+``routing`` entry (per episode: chosen adapter, decided, share of correct decisions). A
+`DTAgent` is told each episode's task (the oracle router).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +30,8 @@ import gymnasium as gym
 import numpy as np
 
 from agents.dt_agent import DTAgent
+from agents.routed_agent import RoutedAgent
+from agents.routing import RoutedContext, Router, episode_routing, routed_actions
 from envs import EnvPool, default_pool, final_step_infos, resolve_task, resolve_tasks
 from eva_rl.adapters import active_adapter, adapter_layers
 from eva_rl.progress import progress_bar
@@ -55,7 +57,7 @@ def _waves(n: int, size: int) -> list[range]:
 
 
 def evaluate(
-    agent: DTAgent,
+    agent: DTAgent | RoutedAgent,
     tasks: str | Sequence[str],
     n_episodes: int = 10,
     seed: int = 0,
@@ -63,22 +65,21 @@ def evaluate(
     progress: bool = True,
     pool: EnvPool | None = None,
     wave_size: int = DEFAULT_WAVE_SIZE,
-    routing: Any = "oracle",
     stop_on_success: bool = False,
     slots: Sequence[int] | None = None,
     target_return: float | Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Success rate, mean return and mean episode length of `agent` on each task.
 
+    `agent`: a `DTAgent` is told each episode's task (the oracle router); a
+    `agents.routed_agent.RoutedAgent` is not: its router picks each episode's adapter.
     `target_return`: the return each episode is conditioned on (see `target_returns_for`):
     one value for every task, or a value per task name; a task it leaves out gets the
     agent's own target return and, where the agent has none (e.g. a CW10 task on a model
     pretrained on MT40), the largest target return the agent knows
-    (`fallback_target_return`). Only with ``routing="oracle"``: a router conditions every
-    episode on its own default before it knows the task.
+    (`fallback_target_return`). Only for a `DTAgent`: a router conditions every episode on
+    its own default before it knows the task.
 
-    `routing`: ``"oracle"`` (the task is given), a router name of `agents.routing.ROUTERS`
-    (with the agent's `routing` settings otherwise) or a `RouterConfig`.
     `stop_on_success`: end each episode at its first success (same success rates; returns
     and lengths up to that step).
     `slots`: the position of each (resolved, unique) task in a larger joint evaluation whose
@@ -101,11 +102,14 @@ def evaluate(
     if wave_size < 1:
         raise ValueError(f"wave_size must be >= 1, got {wave_size}")
     names = _unique(resolve_tasks(tasks))
-    told = routing is None or getattr(routing, "router", routing) == "oracle"
-    if target_return is not None and not told:
-        raise ValueError(f"target_return needs routing='oracle': the {routing!r} router "
-                         "conditions every episode on its own default target")
-    router = _router(agent, routing)
+    router = None
+    if isinstance(agent, RoutedAgent):
+        if target_return is not None:
+            raise ValueError("target_return needs routing='oracle' (a DTAgent told the task): "
+                             f"the {agent.router.router!r} router conditions every episode "
+                             "on its own default target")
+        router = agent.make_router()
+        agent = agent.agent
     targets = None if router is not None else target_returns_for(agent, names, target_return)
     slots = range(len(names)) if slots is None else list(slots)
     if len(slots) != len(names):
@@ -233,34 +237,21 @@ def _concatenate(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return joined
 
 
-def _router(agent: DTAgent, routing: Any) -> Any:
-    """None for the oracle, else the agent's `Router` for `routing`."""
-    from agents.routing import RouterConfig
-
-    if routing is None or routing == "oracle":
-        return None
-    if isinstance(routing, str):
-        base = agent.routing or RouterConfig()
-        routing = dataclasses.replace(base, router=routing)
-    if routing.router == "oracle":
-        return None
-    return agent.make_router(routing)
-
-
 def run_episodes(
     agent: DTAgent,
     venv: gym.vector.VectorEnv,
     env_tasks: Sequence[str],
     progress: bool = True,
     max_steps: int | None = None,
-    router: Any = None,
+    router: Router | None = None,
     stop_on_success: bool = False,
     target_returns: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run one episode in every env of `venv` (env `i` in task `env_tasks[i]`).
 
     `target_returns`: per task, the return to condition on (default: the agent's own,
-    `agent.target_return`); unused with a `router`.
+    `agent.target_return`); unused with a `router` (`RoutedAgent.make_router`), which
+    chooses each env's adapter itself, the tasks untold.
 
     `max_steps` (the envs' horizon) only sizes the progress bar. `stop_on_success` ends an
     episode at its first success; `venv` must then be a ``SyncVectorEnv`` (its envs are
@@ -294,8 +285,6 @@ def run_episodes(
     if router is None:
         ctx = agent.new_context(n, targets)
     else:  # the tasks are not told: every episode starts from the router's default target
-        from agents.routing import RoutedContext, episode_routing, routed_actions
-
         ctx = RoutedContext(model, n, agent.state_mean, agent.state_std,
                             router.default_target(), reward_scale=agent.reward_scale,
                             device=agent.device)

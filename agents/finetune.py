@@ -149,7 +149,8 @@ class FinetuneConfig:
     routing: str = "oracle"
     """``sequential``: how every evaluation after a task picks adapters among those trained
     so far: ``oracle`` (told the task), ``eva``, ``obs``, ``embedding`` or ``arrow``
-    (`agents.routing`)."""
+    (`agents.routing`). Any but ``oracle`` also writes each task's routing signature
+    (scripts/signatures.py writes them later for a run without)."""
     routing_after: int = 5
     """Observations of an episode seen before the router decides (the base model acts
     until then)."""
@@ -456,8 +457,10 @@ def ensure_signature(agent: DTAgent, task: str, dataset: TrajectoryDataset, meth
                      eva_result: EvaResult | None) -> tuple[TaskSignature | None, float]:
     """The task's routing signature on the frozen base, written to ``task_dir/signature/``
     (reused if there; EVA's components where the method computed them): (signature,
-    seconds). ``fft`` changes the base itself, so it has none."""
-    if method.is_full:
+    seconds). None when the run does not route (``config.routing == "oracle"``;
+    scripts/signatures.py writes them later) and for ``fft``, which changes the base
+    itself."""
+    if method.is_full or config.routing == "oracle":
         return None, 0.0
     try:
         return load_signature(task_dir, task, agent.fingerprint()), 0.0

@@ -36,6 +36,7 @@ from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
 from agents.methods import Method, get_method, parse_methods
+from agents.routed_agent import RoutedAgent
 from agents.routing import SIGNATURE_DIR, load_signature, routing_summary
 from agents.runs import (
     RunResults,
@@ -314,46 +315,47 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
     """The tasks in order on one agent; a success-matrix row after each task.
 
     With ``config.routing`` other than ``oracle`` every row is measured without telling
-    the agent the tasks (its router picks among the adapters trained so far, so misrouting
-    shows as forgetting); the record then also holds the oracle's row and the routing
-    accuracy and confusion (`agents.routing.routing_summary`)."""
+    the agent the tasks (a `RoutedAgent` whose router picks among the adapters trained so
+    far, so misrouting shows as forgetting); the record then also holds the oracle's row
+    and the routing accuracy and confusion (`agents.routing.routing_summary`)."""
     routing = exp.config.router_config()
     if routing.router != "oracle" and method.is_full:
         raise ValueError(f"routing={routing.router!r} chooses among task adapters; "
                          f"{method.name} trains one model, there is nothing to route")
     agent = load_agent(exp, datasets)
-    agent.routing = routing
+    routed = None if routing.router == "oracle" else RoutedAgent(agent, routing)
     unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
-    row_eval = functools.partial(
-        evaluate, agent, n_episodes=exp.config.final_episodes, seed=eval_seed(seed),
+    policy_eval = functools.partial(
+        evaluate, n_episodes=exp.config.final_episodes, seed=eval_seed(seed),
         max_episode_steps=exp.config.max_episode_steps, progress=exp.config.train.progress,
         stop_on_success=exp.config.eval_stop_on_success)
+    row_eval = functools.partial(policy_eval, agent)  # told the tasks: the oracle
     # Told the task, an adapter method acts on a task with the frozen base and that task's
     # own adapter, so a task's row entry changes only when its adapter does: rows evaluate
     # just those tasks (the same episodes, so the same numbers as a whole row).
-    reuse_rows = routing.router == "oracle" and not method.is_full
+    reuse_rows = routed is None and not method.is_full
     row_cache: dict[str, dict[str, Any]] = {}
     for i, task in enumerate(exp.tasks):
         tdir = task_dir_of(run, i, task)
         if read_record(tdir) is not None:
-            _restore_state(agent, method, task, tdir)
+            _restore_state(agent, method, task, tdir, routed)
             continue
         record = finetune_task(agent, task, datasets[task], method, exp.config, tdir, seed=seed,
                                index=i, hook=hook, eval_slot=unique.index(task))
-        _save_state(agent, method, task, tdir)
+        _save_state(agent, method, task, tdir, routed)
         t0 = time.perf_counter()
         if reuse_rows:
             row_cache.pop(task, None)
             row = cached_row(row_eval, unique, row_cache)
         else:
-            row = row_eval(unique, routing=routing.router)
+            row = policy_eval(agent if routed is None else routed, unique)
         record = record.replace(
             success_row=[row[t]["success_rate"] for t in exp.tasks],
             return_row=[row[t]["mean_return"] for t in exp.tasks],
             row_eval_seconds=time.perf_counter() - t0)
-        if routing.router != "oracle":
+        if routed is not None:
             t1 = time.perf_counter()
-            oracle = row_eval(unique, routing="oracle")
+            oracle = row_eval(unique)
             summary = routing_summary(row, agent.adapter_names)
             record = record.replace(
                 oracle_success_row=[oracle[t]["success_rate"] for t in exp.tasks],
@@ -369,40 +371,43 @@ def cached_row(row_eval: Callable[..., dict[str, dict[str, Any]]], tasks: Sequen
                cache: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """A success-matrix row of ``tasks`` told to the agent, evaluating only those missing
     from ``cache`` (each at its slot's env seeds, as in the whole row) and keeping them
-    there. ``row_eval(tasks, routing=..., slots=...)`` is `evaluate` with the row's
-    settings."""
+    there. ``row_eval(tasks, slots=...)`` is `evaluate` of the agent (told the tasks) with
+    the row's settings."""
     missing = [t for t in tasks if t not in cache]
     if missing:
-        cache.update(row_eval(missing, routing="oracle",
-                              slots=[tasks.index(t) for t in missing]))
+        cache.update(row_eval(missing, slots=[tasks.index(t) for t in missing]))
     return {t: cache[t] for t in tasks}
 
 
-def _add_signature(agent: DTAgent, task: str, tdir: Path) -> None:
-    """Give the agent's routers the finished task's signature (runs written before there
-    were signatures have none: routing then names the task that lacks one)."""
-    if (tdir / SIGNATURE_DIR).exists():
-        agent.add_signature(load_signature(tdir, task, agent.fingerprint()))
+def _add_signature(routed: RoutedAgent | None, task: str, tdir: Path) -> None:
+    """Give the routed agent the finished task's signature (a run written without routing
+    has none: routing then names the task that lacks one)."""
+    if routed is not None and (tdir / SIGNATURE_DIR).exists():
+        routed.add_signature(load_signature(tdir, task, routed.agent.fingerprint()))
 
 
-def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
-    """What the next task (or a user) needs of a finished one: its adapter or the weights."""
+def _save_state(agent: DTAgent, method: Method, task: str, tdir: Path,
+                routed: RoutedAgent | None = None) -> None:
+    """What the next task (or a user) needs of a finished one: its adapter or the weights
+    (and, for a `routed` agent, its signature)."""
     if method.is_full:
         save_weights(agent.model, tdir / "model.safetensors")
     else:
         save_adapter(agent.model, task, tdir / "adapter", overwrite=True)
-        _add_signature(agent, task, tdir)
+        _add_signature(routed, task, tdir)
 
 
-def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path) -> None:
-    """Bring the model to where it was after the finished task ``tdir``."""
+def _restore_state(agent: DTAgent, method: Method, task: str, tdir: Path,
+                   routed: RoutedAgent | None = None) -> None:
+    """Bring the model (and a `routed` agent's signatures) to where they were after the
+    finished task ``tdir``."""
     if method.is_full:
         load_weights(agent.model, tdir / "model.safetensors")
     else:
         if task in agent.adapter_names:  # a repeated task (CW20): its adapter trained on
             delete_adapter(agent.model, task)
         load_adapter(agent.model, tdir / "adapter", name=task)
-        _add_signature(agent, task, tdir)
+        _add_signature(routed, task, tdir)
 
 
 def collect_results(out: str | os.PathLike, exp: Experiment) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Routing a `DTAgent`'s episodes to task adapters without being told the task.
+"""Routing a `DTAgent`'s episodes to task adapters without being told the task (the policy
+that does it is `agents.routed_agent.RoutedAgent`; this module holds its parts).
 
 Routers (`ROUTERS`): ``oracle`` (the task is given: the adapter named after it), ``eva``
 (the task whose activation subspaces of the frozen base explain the window best, see
@@ -23,7 +24,9 @@ target return of the routed tasks (the task is not known yet); a decision switch
 episode's target return to the chosen task's. One decision = one extra base forward over
 the envs deciding.
 
-Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature/``.
+Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature/``,
+written when the run routes (`FinetuneConfig.routing` other than ``oracle``) or later by
+scripts/signatures.py (`agents.finetuned.write_signatures`). ``arrow`` needs none.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from eva_rl.data import TrajectoryDataset, WindowSampler
 from eva_rl.eva import ActivationCollector, EvaConfig, EvaResult, compute_eva, dt_forward_and_mask
 from eva_rl.eva.hooks import find_target_layers
 from eva_rl.models.inference import RolloutContext
-from eva_rl.routing import DEFAULT_QUANTILE, SCORES, SignatureError, TaskSignature
+from eva_rl.routing import DEFAULT_QUANTILE, SCORES, SignatureError, SignaturePool, TaskSignature
 from eva_rl.state import preserve_model_state
 
 if TYPE_CHECKING:
@@ -59,6 +62,12 @@ BEFORE_DECISION = ("guess", "base")
 SIGNATURE_DIR = "signature"
 DEFAULT_LAYERS = ("blocks.*.attn.q_proj", "blocks.*.mlp.fc_in")
 """The two LayerNorm outputs of every block (q/k/v share the first): inputs of one scale."""
+
+
+def needs_signatures(router: str) -> bool:
+    """Whether `router` chooses by task signatures (``eva``, ``obs``, ``embedding``): the
+    ``oracle`` is told the task and ``arrow`` reads only the adapters' weights."""
+    return router not in ("oracle", "arrow")
 
 
 @dataclass
@@ -301,13 +310,16 @@ class RoutedContext(RolloutContext):
 
 class Router:
     """Chooses an adapter for envs of a `RoutedContext` (one base forward per call) among
-    `names`: the tasks with a signature, or for ``arrow`` every adapter of the agent."""
+    `names`: the tasks with a signature in `signatures`, or for ``arrow`` every adapter of
+    the agent (no signatures read)."""
 
-    def __init__(self, agent: DTAgent, config: RouterConfig) -> None:
+    def __init__(self, agent: DTAgent, config: RouterConfig,
+                 signatures: SignaturePool | None = None) -> None:
         if config.router == "oracle":
-            raise ValueError("the oracle router needs the task: use set_task(name)")
+            raise ValueError("the oracle router needs the task: use agent.set_task(name)")
         self.agent = agent
         self.config = config
+        self.signatures = SignaturePool() if signatures is None else signatures
         if config.router == "arrow":  # the adapters' weights alone: no signatures read
             self.names = agent.adapter_names
             if not self.names:
@@ -315,10 +327,11 @@ class Router:
             self.arrow = arrow_prototypes(agent.model, self.names)
             self.layers = list(self.arrow)
             return
-        pool = agent.signatures
+        pool = self.signatures
         if not pool.names:
-            raise SignatureError("no task signatures: the agent cannot route (fine-tune with "
-                                 "this code or add signatures with agent.add_signature)")
+            raise SignatureError("no task signatures: the agent cannot route (write them with "
+                                 "scripts/signatures.py or add them with "
+                                 "RoutedAgent.add_signature)")
         adapters = set(agent.adapter_names)
         no_adapter = [n for n in pool.names if n not in adapters]
         if no_adapter:
@@ -356,7 +369,7 @@ class Router:
             votes = arrow_votes(feats, window, len(rows), self.arrow, self.config.arrow_top_k,
                                 self.config.arrow_temperature)
             return [self.names[i] for i in votes.argmax(dim=1).tolist()]
-        pool = self.agent.signatures
+        pool = self.signatures
         if self.config.router == "eva":
             return pool.route_subspace(feats, window, len(rows), self.config.score,
                                        self.config.unknown)

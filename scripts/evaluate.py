@@ -2,13 +2,15 @@ r"""Evaluate a pretrained or fine-tuned run: success rate per task, batched roll
 
 `--run` is a pretraining run (`DTAgent.load`: base model plus any `RUN/adapters/<task>/`)
 or a fine-tuning run (`scripts/finetune.py --out`; pick one of its runs with `--method` and
-`--seed`: the pretrained base with every finished task's adapter and signature). Runs
+`--seed`: the pretrained base with every finished task's adapter). Runs
 `--episodes` episodes per task in parallel envs and prints a table; `--out` also writes
 the results as JSON.
 
-`--routing eva|obs|embedding|arrow` does not tell the agent the tasks: every episode
-chooses its adapter itself after `--routing-after` observations (agents.routing; ``arrow``
-needs no signatures, only the adapters' weights: `--arrow-top-k`, `--arrow-temperature`);
+`--routing eva|obs|embedding|arrow` does not tell the agent the tasks (a `RoutedAgent`,
+agents.routed_agent): every episode chooses its adapter itself after `--routing-after`
+observations (agents.routing). eva, obs and embedding read the run's task signatures
+(scripts/signatures.py writes them for a run that did not route); ``arrow`` needs none,
+only the adapters' weights (`--arrow-top-k`, `--arrow-temperature`);
 the table and JSON then hold the routing accuracy overall and per task, the unknown-task
 rate and the confusion matrix (true task x chosen adapter). `--routing oracle` (default)
 gives each task its own adapter.
@@ -37,9 +39,16 @@ import torch
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
-from agents.finetuned import is_finetune_run, load_finetuned_agent
+from agents.finetuned import is_finetune_run, load_finetuned_agent, read_signatures
 from agents.reports.results import format_accuracy
-from agents.routing import BEFORE_DECISION, ROUTERS, RouterConfig, routing_summary
+from agents.routed_agent import RoutedAgent
+from agents.routing import (
+    BEFORE_DECISION,
+    ROUTERS,
+    RouterConfig,
+    needs_signatures,
+    routing_summary,
+)
 from envs import resolve_tasks
 from eva_rl.io import write_json_atomic
 from eva_rl.routing import SCORES
@@ -111,11 +120,30 @@ def load_agent(args: argparse.Namespace) -> DTAgent:
         if args.method is None:
             raise ValueError(f"{args.run} is a fine-tuning run: pass --method (and --seed-run "
                              "if its seed differs from --seed)")
-        seed = args.seed if args.run_seed is None else args.run_seed
-        return load_finetuned_agent(args.run, args.method, seed, device=args.device)
+        return load_finetuned_agent(args.run, args.method, run_seed(args), device=args.device)
     if args.method is not None or args.run_seed is not None:
         raise ValueError(f"{args.run} is not a fine-tuning run: --method/--seed-run do not apply")
     return DTAgent.load(args.run, device=args.device)
+
+
+def run_seed(args: argparse.Namespace) -> int:
+    """The seed of the fine-tuning run's adapters: --seed-run, else --seed."""
+    return args.seed if args.run_seed is None else args.run_seed
+
+
+def policy_of(args: argparse.Namespace, agent: DTAgent) -> DTAgent | RoutedAgent:
+    """The agent told the tasks (--routing oracle), else a `RoutedAgent` with the --routing
+    settings and, for a fine-tuning run and a router that needs them, its signatures."""
+    routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
+                           redecide=args.routing_redecide, score=args.routing_score,
+                           before=args.routing_before, arrow_top_k=args.arrow_top_k,
+                           arrow_temperature=args.arrow_temperature)  # checks every value
+    if args.routing == "oracle":
+        return agent
+    signatures = None
+    if needs_signatures(args.routing) and is_finetune_run(args.run):
+        signatures = read_signatures(args.run, args.method, run_seed(args), agent.fingerprint())
+    return RoutedAgent(agent, routing, signatures)
 
 
 def fill_target_returns(agent: DTAgent, tasks: list[str], target: float | None) -> list[str]:
@@ -145,14 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = list(dict.fromkeys(resolve_tasks(
         [t for spec in specs for t in spec.split(",") if t])))
     assumed = fill_target_returns(agent, tasks, args.target_return)
-    routing = RouterConfig(router=args.routing, decide_after=args.routing_after,
-                           redecide=args.routing_redecide, score=args.routing_score,
-                           before=args.routing_before, arrow_top_k=args.arrow_top_k,
-                           arrow_temperature=args.arrow_temperature)
+    policy = policy_of(args, agent)
     t0 = time.perf_counter()
-    results = evaluate(agent, tasks, n_episodes=args.episodes, seed=args.seed,
-                       max_episode_steps=args.max_steps, routing=routing,
-                       stop_on_success=args.stop_on_success)
+    results = evaluate(policy, tasks, n_episodes=args.episodes, seed=args.seed,
+                       max_episode_steps=args.max_steps, stop_on_success=args.stop_on_success)
     seconds = time.perf_counter() - t0
     env_steps = int(sum(sum(r["lengths"]) for r in results.values()))
     summary = routing_summary(results, agent.adapter_names) if args.routing != "oracle" else None

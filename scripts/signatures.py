@@ -1,10 +1,12 @@
 r"""Write the routing signatures of a fine-tuning run's adapters (agents.routing).
 
-Fine-tuning writes each task's signature next to its adapter (``<task_dir>/signature/``).
-This recomputes them from the tasks' data on the frozen base, the way fine-tuning does,
-for a run made before signatures existed or with another `--rank` (components per layer;
-default the run's ``signature_rank``, i.e. its adapter rank). Signatures that exist are
-kept unless `--force` (each then replaced in place, tensors and JSON written atomically).
+A fine-tuning run that routes (`--routing` other than oracle) writes each task's signature
+next to its adapter (``<task_dir>/signature/``); one that does not writes none. This
+computes them from the tasks' data on the frozen base, the way fine-tuning does, for a run
+without them (to evaluate it with a router that needs them: eva, obs, embedding) or with
+another `--rank` (components per layer; default the run's ``signature_rank``, i.e. its
+adapter rank). Signatures that exist are kept unless `--force` (each then replaced in
+place, tensors and JSON written atomically).
 
 Example (the routing figures at the bench tier, docs/benchmarks.md):
     python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 24 --force

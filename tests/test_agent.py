@@ -13,8 +13,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
 from agents.experts import ScriptedCollector
+from agents.routed_agent import RoutedAgent
+from agents.routing import RouterConfig
 from envs import make_env
-from eva_rl.adapters import AdapterConfig, add_adapter
+from eva_rl.adapters import AdapterConfig, active_adapter, add_adapter
 from eva_rl.data import WindowSampler, compute_state_stats, write_dataset
 from eva_rl.models import DecisionTransformer, DTConfig
 from eva_rl.training import CheckpointError, TrainConfig, Trainer
@@ -129,6 +131,40 @@ def test_set_task_errors_and_target_return(pretrained):
     fresh = DTAgent(agent.model, agent.state_mean, agent.state_std, agent.target_returns)
     with pytest.raises(RuntimeError, match="set_task"):
         fresh.predict(np.zeros(39, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"set_task\(None\).*RoutedAgent"):
+        agent.set_task(None)  # routing is a policy of its own
+
+
+def test_routed_agent_is_accepted_where_an_agent_is(pretrained, caplog):
+    """A `RoutedAgent` (arrow: the adapters' weights, no signatures) in SB3's
+    evaluate_policy and in `evaluate`; the agent it wraps, told a task, keeps its adapter."""
+    _, run = pretrained
+    agent = DTAgent.load(run, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    for task in TASKS:  # an earlier test may have saved push-v3's into the run
+        if task not in agent.adapter_names:
+            add_adapter(agent.model, task, AdapterConfig(rank=2))
+    with torch.no_grad():  # B = 0 at init: give every adapter an update to route by
+        for name, p in agent.model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    agent.set_task("push")
+    obs = np.random.default_rng(0).normal(size=(2, 39)).astype(np.float32)
+    told, _ = agent.predict(obs)
+    routed = RoutedAgent(agent, RouterConfig(router="arrow", decide_after=2))
+    env = DummyVecEnv([lambda s=s: make_env("reach", seed=s, max_episode_steps=HORIZON)
+                       for s in (5, 6)])
+    with caplog.at_level(logging.WARNING):
+        _, lengths = evaluate_policy(routed, env, n_eval_episodes=2, warn=False,
+                                     callback=routed.sb3_callback, return_episode_rewards=True)
+    assert lengths == [HORIZON, HORIZON]
+    assert "no reward was pushed" not in caplog.text  # the callback fed the routed context
+    assert active_adapter(agent.model) == "push-v3"  # the routed steps gave it back
+    np.testing.assert_array_equal(agent.predict(obs)[0], told)
+    res = evaluate(routed, TASKS, n_episodes=1, max_episode_steps=HORIZON, progress=False)
+    for task in TASKS:
+        assert res[task]["router"] == "arrow" and res[task]["routing"]["decided"] == [True]
+        assert res[task]["routing"]["chosen"][0] in TASKS
 
 
 def test_predict_batches_like_sb3(pretrained):

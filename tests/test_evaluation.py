@@ -9,6 +9,8 @@ import torch
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate, run_episodes
+from agents.routed_agent import RoutedAgent
+from agents.routing import RouterConfig
 from envs import EnvPool, make_env, make_vec_env, resolve_task
 from eva_rl.adapters import AdapterConfig, active_adapter, add_adapter
 from eva_rl.models import DecisionTransformer, DTConfig
@@ -181,8 +183,8 @@ def test_evaluate_needs_some_target_return():
         evaluate(tiny_agent(), ["reach"], n_episodes=1, progress=False,
                  target_return=float("nan"))
     with pytest.raises(ValueError, match="needs routing='oracle'"):
-        evaluate(tiny_agent(), ["hammer"], n_episodes=1, progress=False, routing="obs",
-                 target_return=100.0)
+        evaluate(RoutedAgent(tiny_agent(), RouterConfig(router="obs")), ["hammer"],
+                 n_episodes=1, progress=False, target_return=100.0)
 
 
 def test_unknown_task_gets_the_largest_known_target_return():

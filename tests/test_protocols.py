@@ -232,6 +232,9 @@ def test_sequential_rows_reevaluate_only_the_task_whose_adapter_changed(setup, t
     exp = experiment(setup, methods=("lora",), eval_episodes=3, max_episode_steps=40)
     run = run_experiment(exp, tmp_path / "run", report=False)["runs"][0]
     assert calls == [(list(TASKS), [0, 1]), ([TASKS[1]], [1])]  # row 1 keeps task 0's entry
+    # told the tasks, the run computes no routing signature (scripts/signatures.py does)
+    assert not list((tmp_path / "run/runs/lora/seed_0").glob("*/signature"))
+    assert [rec["signature_seconds"] for rec in run["per_task"]] == [0.0, 0.0]
 
     # each row equals a whole joint evaluation of the adapters trained by then
     agent = protocols.load_agent(exp, protocols.check_inputs(exp))

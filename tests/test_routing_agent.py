@@ -1,7 +1,9 @@
-"""Routing end to end: a tiny sequential run with ``routing="eva"``, its report, the routed
-`DTAgent` (act / predict / evaluate with every router) and scripts/evaluate.py."""
+"""Routing end to end: a tiny sequential run with ``routing="eva"``, its report, the
+`RoutedAgent` (act / predict / evaluate with every router) and scripts/evaluate.py."""
 
+import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,10 +11,11 @@ import pytest
 from helpers import TASKS, experiment, run_script
 
 from agents.evaluation import evaluate
-from agents.finetuned import load_finetuned_agent
+from agents.finetuned import load_finetuned_agent, load_routed_agent
 from agents.protocols import run_experiment
+from agents.routed_agent import RoutedAgent
 from agents.routing import ROUTERS, RouterConfig, load_signature, routing_summary
-from eva_rl.routing import SignatureError, TaskSignature
+from eva_rl.routing import SignatureError, SignaturePool, TaskSignature
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -55,22 +58,23 @@ def test_sequential_run_routes_and_reports(routed_run):
 
 def test_routed_agent_acts_predicts_and_evaluates(routed_run):
     out, _ = routed_run
-    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
-    assert agent.signatures.names == list(TASKS)
-    agent.routing = RouterConfig(decide_after=2)
-    agent.set_task(None)
+    routed = load_routed_agent(out, "lora", 0, RouterConfig(decide_after=2), device="cpu")
+    agent = routed.agent
+    assert routed.signatures.names == list(TASKS)
     obs = np.zeros(agent.config.state_dim, dtype=np.float32)
     for _ in range(3):
-        a = agent.act(obs)
-        agent.observe(0.0)
+        a = routed.act(obs)
+        routed.observe(0.0)
         assert a.shape == (agent.config.act_dim,)
-    ctx = agent._context
+    ctx = routed._context
     assert len(ctx.decisions[0]) == 1  # decided once, on the 2nd observation
-    actions, state = agent.predict(np.zeros((3, agent.config.state_dim)))
+    actions, state = routed.predict(np.zeros((3, agent.config.state_dim)))
     assert actions.shape == (3, agent.config.act_dim)
-    for router in ROUTERS:
-        res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6,
-                       progress=False, routing=router)
+    for router in ROUTERS:  # the oracle: the agent itself, told the tasks
+        policy = agent if router == "oracle" else RoutedAgent(
+            agent, dataclasses.replace(routed.router, router=router), routed.signatures)
+        res = evaluate(policy, TASKS, n_episodes=2, seed=5, max_episode_steps=6,
+                       progress=False)
         if router == "oracle":
             assert "routing" not in res[TASKS[0]]
             continue
@@ -87,18 +91,31 @@ def test_router_refuses_missing_and_foreign_signatures(routed_run, tmp_path):
     shutil.copytree(out, copy)
     tdir = copy / f"runs/lora/seed_0/01_{TASKS[1]}"
     shutil.rmtree(tdir / "signature")
-    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")
+    with pytest.raises(SignatureError, match=rf"\['{TASKS[1]}'\] have an adapter but no "
+                                             "signature") as info:
+        load_routed_agent(copy, "lora", 0, device="cpu")
+    command = f"python scripts/signatures.py --run {copy} --method lora --seed 0"
+    assert command in str(info.value)  # names the command that writes them
+    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")  # told the tasks: no need
+    pool = SignaturePool()
+    pool.add(load_signature(out / f"runs/lora/seed_0/00_{TASKS[0]}", TASKS[0]))
     with pytest.raises(SignatureError, match=rf"\['{TASKS[1]}'\] have an adapter but no "
                                              "signature"):
-        agent.set_task(None)
+        RoutedAgent(agent, RouterConfig(), pool).make_router()
     sig = load_signature(out / f"runs/lora/seed_0/00_{TASKS[0]}", TASKS[0])
     sig.fingerprint = "0" * 64
     with pytest.raises(SignatureError, match=f"task {TASKS[0]}: .*fingerprint mismatch"):
-        agent.add_signature(sig)
+        RoutedAgent(agent).add_signature(sig)
+    foreign = SignaturePool()
+    foreign.add(sig)
+    with pytest.raises(SignatureError, match=f"task {TASKS[0]}: .*fingerprint mismatch"):
+        RoutedAgent(agent, signatures=foreign)
     sig.task = TASKS[1]
     sig.save(tdir / "signature")  # another base's signature in the task's directory
     with pytest.raises(SignatureError, match=f"task {TASKS[1]}: .*another base model"):
-        load_finetuned_agent(copy, "lora", 0, device="cpu")
+        load_routed_agent(copy, "lora", 0, device="cpu")
+    with pytest.raises(ValueError, match=re.escape("agent.set_task(name)")):
+        RoutedAgent(agent, RouterConfig(router="oracle"))
 
 
 def test_evaluate_script_routes_a_finetune_run(routed_run, setup, tmp_path):
@@ -122,13 +139,13 @@ def test_evaluate_script_routes_a_finetune_run(routed_run, setup, tmp_path):
 
 def test_episodes_that_never_decided_are_undecided_not_wrong(routed_run, tmp_path):
     out, _ = routed_run
-    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
-    res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6, progress=False,
-                   routing=RouterConfig(decide_after=10))  # episodes end before deciding
+    routed = load_routed_agent(out, "lora", 0, RouterConfig(decide_after=10), device="cpu")
+    res = evaluate(routed, TASKS, n_episodes=2, seed=5, max_episode_steps=6,
+                   progress=False)  # episodes end before deciding
     for task in TASKS:
         assert res[task]["routing"]["decided"] == [False, False]
         assert res[task]["routing"]["correct"] == [None, None]
-    summary = routing_summary(res, agent.adapter_names)
+    summary = routing_summary(res, routed.adapter_names)
     assert summary["accuracy"] is None and summary["per_task"] == dict.fromkeys(TASKS)
     assert summary["undecided_rate"] == 1.0 and summary["unknown_rate"] == 0.0
     # some decided: the accuracy of those, the others counted as undecided
@@ -183,10 +200,11 @@ def test_thresholds_admit_the_episode_starts_a_router_decides_on(routed_run, set
 
     out, _ = routed_run
     _, data, _ = setup
-    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
+    routed = load_routed_agent(out, "lora", 0, device="cpu")
+    agent = routed.agent
     datasets = open_datasets(data, TASKS)
     for task in TASKS:
-        sig = agent.signatures.signatures[task]
+        sig = routed.signatures.signatures[task]
         for batch in _episode_start_batches(agent, datasets[task], 16, seed=123):
             rows, window, _ = base_features(agent.model, list(sig.layers), batch)
             scores = sig.window_scores(rows, window, 16, "residual")
@@ -209,9 +227,9 @@ def test_signatures_script_keeps_or_rewrites_a_runs_signatures(routed_run, tmp_p
     proc = run_script("signatures", [*args, "--rank", "2", "--force"])
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 signatures" in proc.stdout
-    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")  # loads: checksums, base
+    routed = load_routed_agent(copy, "lora", 0, device="cpu")  # loads: checksums, base
     for task in TASKS:
-        sig = agent.signatures.signatures[task]
+        sig = routed.signatures.signatures[task]
         assert {s.components.shape[0] for s in sig.layers.values()} == {2}
     for bad, expect in ((["--rank", "0"], "--rank"), (["--method", "eva"], "methods"),
                         (["--seed", "3"], "seeds")):
@@ -223,18 +241,17 @@ def test_signatures_script_keeps_or_rewrites_a_runs_signatures(routed_run, tmp_p
 @pytest.mark.parametrize("before", ["guess", "base"])
 def test_before_the_decision_the_guess_or_the_base_acts(routed_run, before):
     out, _ = routed_run
-    agent = load_finetuned_agent(out, "lora", 0, device="cpu")
-    agent.routing = RouterConfig(decide_after=3, before=before, unknown=False)
-    agent.set_task(None)
-    obs = np.zeros(agent.config.state_dim, dtype=np.float32)
-    agent.act(obs)
-    agent.observe(0.0)
-    ctx = agent._context
+    routed = load_routed_agent(out, "lora", 0, device="cpu",
+                               router=RouterConfig(decide_after=3, before=before, unknown=False))
+    obs = np.zeros(routed.agent.config.state_dim, dtype=np.float32)
+    routed.act(obs)
+    routed.observe(0.0)
+    ctx = routed._context
     assert ctx.decisions[0] == []  # a guess is not a decision
     assert (ctx.choice[0] in TASKS) if before == "guess" else ctx.choice[0] is None
     for _ in range(2):
-        agent.act(obs)
-        agent.observe(0.0)
+        routed.act(obs)
+        routed.observe(0.0)
     assert len(ctx.decisions[0]) == 1 and ctx.choice[0] in TASKS
 
 
@@ -251,18 +268,19 @@ def test_arrow_routes_a_run_without_signatures(routed_run, tmp_path, monkeypatch
     assert len(removed) == len(TASKS)
     for sig in removed:
         shutil.rmtree(sig)
-    agent = load_finetuned_agent(copy, "lora", 0, device="cpu")
-    assert agent.signatures.names == [] and agent.adapter_names == list(TASKS)
+    routed = load_routed_agent(copy, "lora", 0, RouterConfig(router="arrow", decide_after=2),
+                               device="cpu")  # reads no signature
+    agent = routed.agent
+    assert routed.signatures.names == [] and agent.adapter_names == list(TASKS)
     with pytest.raises(SignatureError, match="no task signatures"):
-        agent.make_router(RouterConfig(router="eva"))
+        RoutedAgent(agent, RouterConfig(router="eva")).make_router()
 
     def read_signature(*args, **kwargs):
         raise AssertionError("the arrow router read a signature")
 
     monkeypatch.setattr(TaskSignature, "load", classmethod(read_signature))
     monkeypatch.setattr(TaskSignature, "window_scores", read_signature)
-    res = evaluate(agent, TASKS, n_episodes=2, seed=5, max_episode_steps=6, progress=False,
-                   routing=RouterConfig(router="arrow", decide_after=2))
+    res = evaluate(routed, TASKS, n_episodes=2, seed=5, max_episode_steps=6, progress=False)
     for task in TASKS:
         assert res[task]["routing"]["decided"] == [True, True]
         assert set(res[task]["routing"]["chosen"]) <= set(TASKS)  # never "unknown"

@@ -3,7 +3,8 @@ the oracle's, CW20-like repeats, and the added evaluation time.
 
 Builds (or reuses, in --out) scripted-expert data for a few MT40 and CW10 tasks, a DT
 pretrained on the MT40 part, and one `sequential` fine-tuning run over the CW10 tasks
-(`cpu` config with --steps updates; every task's signature is written as it is trained).
+(`cpu` config with --steps updates; the oracle's, so every task's signature is written
+after the run, `agents.finetuned.write_signatures`, as scripts/signatures.py does).
 Then evaluates the run's adapters with every router (``oracle``, ``eva``, ``obs``,
 ``embedding``) deciding after k observations for each k of --ks, on the same episodes.
 Repeats: every task gets a second adapter (a copy) whose signature comes from a fresh
@@ -34,9 +35,10 @@ from agents.collection import collect_datasets
 from agents.evaluation import evaluate
 from agents.experts import ScriptedCollector
 from agents.finetune import get_config
-from agents.finetuned import load_finetuned_agent
+from agents.finetuned import load_finetuned_agent, read_signatures, write_signatures
 from agents.protocols import Experiment, run_experiment
 from agents.reports.results import format_accuracy
+from agents.routed_agent import RoutedAgent
 from agents.routing import RouterConfig, routing_summary, task_signature
 from envs import resolve_tasks
 from eva_rl.adapters import load_adapter, save_adapter
@@ -93,18 +95,21 @@ def build_run(args: argparse.Namespace, out: Path) -> tuple[Path, float]:
     exp = Experiment(pretrained=str(pre), data=str(data), tasks=tasks, methods=(args.method,),
                      seeds=(args.seed,), protocol="sequential", config=config)
     run_experiment(exp, seq, resume=True, report=False)
+    write_signatures(seq, args.method, args.seed, device="cpu")  # those there are kept
     return seq, time.perf_counter() - t0
 
 
-def timed_eval(agent, tasks, args, routing) -> tuple[dict, float]:
+def timed_eval(policy, tasks, args) -> tuple[dict, float]:
+    """`evaluate` of the agent (told the tasks) or a `RoutedAgent`, and its seconds."""
     t0 = time.perf_counter()
-    res = evaluate(agent, tasks, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
-                   max_episode_steps=args.max_episode_steps, progress=False, routing=routing)
+    res = evaluate(policy, tasks, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
+                   max_episode_steps=args.max_episode_steps, progress=False)
     return res, time.perf_counter() - t0
 
 
-def add_repeats(agent, tasks, args, out: Path) -> dict[str, str]:
+def add_repeats(routed: RoutedAgent, tasks, args, out: Path) -> dict[str, str]:
     """A second adapter per task (a copy) with a signature from another pass: {copy: task}."""
+    agent = routed.agent
     datasets = open_datasets(out / "data", dict.fromkeys(tasks))
     copies = {}
     for task in tasks:
@@ -116,7 +121,7 @@ def add_repeats(agent, tasks, args, out: Path) -> dict[str, str]:
                              eva_config=EvaConfig(rank=4, rho=1.0, max_batches=args.eva_batches,
                                                   seed=args.seed + 1),
                              max_batches=args.eva_batches, seed=args.seed + 31)
-        agent.add_signature(sig, name)
+        routed.add_signature(sig, name)
         agent.target_returns[name] = agent.target_returns[task]
         copies[name] = task
     return copies
@@ -130,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     seq, build_seconds = build_run(args, out)
     agent = load_finetuned_agent(seq, args.method, args.seed, device="cpu")
+    signatures = read_signatures(seq, args.method, args.seed, agent.fingerprint())
     tasks = agent.run_config["tasks"]
     print(f"# bench_routing: {args.preset} DT pretrained {args.pretrain_steps} updates on "
           f"{args.pretrain_tasks}; {args.method} sequential over {len(tasks)} tasks, "
           f"{args.steps} updates each; {args.eval_episodes} episodes x "
           f"{args.max_episode_steps} steps per task; built in {build_seconds:.0f} s ({NOISY})")
     rows: dict = {"config": vars(args), "routers": {}}
-    oracle, t_oracle = timed_eval(agent, tasks, args, "oracle")
+    oracle, t_oracle = timed_eval(agent, tasks, args)
     rows["oracle"] = {"success": {t: oracle[t]["success_rate"] for t in tasks},
                       "seconds": t_oracle}
     short = [t[:-3][:12] for t in tasks]
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     o_mean = float(np.mean([oracle[t]["success_rate"] for t in tasks]))
     for router in ROUTED:
         for k in ks:
-            res, secs = timed_eval(agent, tasks, args, RouterConfig(router=router, decide_after=k))
+            routed = RoutedAgent(agent, RouterConfig(router=router, decide_after=k), signatures)
+            res, secs = timed_eval(routed, tasks, args)
             s = routing_summary(res, agent.adapter_names)
             succ = float(np.mean([res[t]["success_rate"] for t in tasks]))
             rows["routers"][f"{router}@{k}"] = {
@@ -156,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  {format_accuracy(s['accuracy'], 5)}  {s['unknown_rate']:7.2f}  "
                     f"{succ:7.2f}  {o_mean:6.2f}  "
                     f"{secs:6.1f}  {100 * (secs / t_oracle - 1):+5.1f}%")
-    copies = add_repeats(agent, tasks, args, out)
     k = 5 if 5 in ks else ks[0]
-    res, secs = timed_eval(agent, tasks, args, RouterConfig(router="eva", decide_after=k))
+    routed = RoutedAgent(agent, RouterConfig(router="eva", decide_after=k), signatures)
+    copies = add_repeats(routed, tasks, args, out)
+    res, secs = timed_eval(routed, tasks, args)
     print(f"\nrepeats (two adapters per task, eva router, k={k}): task-level accuracy "
           "(either copy) and share of episodes on the second copy")
     rep = {}
