@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p.parse_args(argv)
 
 
@@ -108,8 +108,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.target_return is not None and not torch.isfinite(torch.tensor(args.target_return)):
         raise ValueError(f"--target-return must be finite, got {args.target_return}")
-    if args.out is not None and args.out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists (pass --force to replace it)")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out} exists (pass --overwrite to replace it)")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a directory, not a file")
 

@@ -5,11 +5,11 @@ next to its adapter (``<task_dir>/signature/``); one that does not writes none. 
 computes them from the tasks' data on the frozen base, the way fine-tuning does, for a run
 without them (to evaluate it with a router that needs them: eva, obs, embedding) or with
 another `--rank` (components per layer; default the run's ``signature_rank``, i.e. its
-adapter rank). Signatures that exist are kept unless `--force` (each then replaced in
+adapter rank). Signatures that exist are kept unless `--overwrite` (each then replaced in
 place, tensors and JSON written atomically).
 
 Example (the routing figures at the bench tier, docs/benchmarks.md):
-    python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 24 --force
+    python scripts/signatures.py --run runs/bench/single --method eva --seed 2 --rank 24 --overwrite
     python scripts/evaluate.py --run runs/bench/single --method eva --seed-run 2 \
         --tasks CW10 --routing eva --out r.json
 """
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--rank", type=int, default=None,
                    help="components per layer (default: the run's signature rank)")
-    p.add_argument("--force", action="store_true", help="replace existing signatures")
+    p.add_argument("--overwrite", action="store_true", help="replace existing signatures")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     args = p.parse_args(argv)
     if args.rank is not None and args.rank < 1:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_threads(args.threads)
     written = write_signatures(args.run, args.method, args.seed, rank=args.rank,
-                               force=args.force, device="cpu")
+                               force=args.overwrite, device="cpu")
     print(f"wrote {len(written)} signatures")
     return 0
 

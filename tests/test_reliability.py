@@ -376,7 +376,7 @@ def test_scripts_report_a_full_disk_in_one_line(setup, tmp_path, monkeypatch, ca
     for name in patched:
         monkeypatch.setattr(sys.modules[name], "save_file", _safetensors_no_space)
     one_error_line(signatures.main(["--run", str(run), "--method", "lora", "--seed", "0",
-                                    "--force"]), "signature.safetensors")
+                                    "--overwrite"]), "signature.safetensors")
     one_error_line(export_peft.main(["--run", str(run), "--method", "lora", "--out",
                                      str(tmp_path / "peft")]), str(tmp_path / "peft"))
     assert snapshot(tmp_path) == before  # the signatures kept, no export

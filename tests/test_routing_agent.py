@@ -222,9 +222,9 @@ def test_signatures_script_keeps_or_rewrites_a_runs_signatures(routed_run, tmp_p
     args = ["--run", str(copy), "--method", "lora", "--seed", "0"]
     proc = run_script("signatures", args)
     assert proc.returncode == 0, proc.stderr
-    assert "wrote 0 signatures" in proc.stdout  # kept without --force
+    assert "wrote 0 signatures" in proc.stdout  # kept without --overwrite
     assert [f.read_bytes() for f in files] == before
-    proc = run_script("signatures", [*args, "--rank", "2", "--force"])
+    proc = run_script("signatures", [*args, "--rank", "2", "--overwrite"])
     assert proc.returncode == 0, proc.stderr
     assert "wrote 2 signatures" in proc.stdout
     routed = load_routed_agent(copy, "lora", 0, device="cpu")  # loads: checksums, base

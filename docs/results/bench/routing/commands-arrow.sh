@@ -59,11 +59,11 @@ fi
 run() {  # name, router, k, extra flags
   $PY scripts/evaluate.py --run "$RUN" --method "$METHOD" --seed-run "$SEED" --tasks $TASKS \
       --episodes "$EPISODES" --max-steps "$MAX_STEPS" --seed 100000 --stop-on-success \
-      --threads 1 --routing $2 --routing-after $3 "${@:4}" --out "$OUT/$1.json" --force
+      --threads 1 --routing $2 --routing-after $3 "${@:4}" --out "$OUT/$1.json" --overwrite
 }
 for k in 1 5 20; do run arrow-k$k arrow $k; done
 run arrow-baselines/oracle-k5 oracle 5
-$PY scripts/signatures.py --run "$RUN" --method "$METHOD" --seed "$SEED" --rank 24 --force
+$PY scripts/signatures.py --run "$RUN" --method "$METHOD" --seed "$SEED" --rank 24 --overwrite
 run arrow-baselines/eva-r24-k20 eva 20
 $PY - "$OUT" <<'PY'
 import json, sys

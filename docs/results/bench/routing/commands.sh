@@ -19,10 +19,10 @@ PY=${PY:-python}
 run() {  # name, router, k, extra flags
   $PY scripts/evaluate.py --run $ROOT/single --method eva --seed-run $SEED --tasks CW10 \
       --episodes 20 --seed 100000 --stop-on-success --threads 1 \
-      --routing $2 --routing-after $3 "${@:4}" --out $OUT/$1.json --force
+      --routing $2 --routing-after $3 "${@:4}" --out $OUT/$1.json --overwrite
 }
 for RANK in 24 4; do  # the rank-4 signatures stay in the run for the baselines below
-  $PY scripts/signatures.py --run $ROOT/single --method eva --seed $SEED --rank $RANK --force
+  $PY scripts/signatures.py --run $ROOT/single --method eva --seed $SEED --rank $RANK --overwrite
   for k in 1 5 20; do run eva-r$RANK-k$k eva $k; done
   if [ $RANK = 24 ]; then run eva-r24-k5-base eva 5 --routing-before base; fi
 done
