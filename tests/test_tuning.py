@@ -94,3 +94,13 @@ def test_the_tune_stage_chooses_and_the_reported_stages_train_with_it(tmp_path):
                                     "window-close", "--seed", "0", "--work",
                                     str(tmp_path / "work"), "--no-progress"])
     assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_the_fair_bench_tier_tunes_every_method_alike_on_held_out_tasks():
+    fair, bench = get_tier("bench-tuned"), get_tier("bench")
+    assert fair.pretrain_tasks == bench.pretrain_tasks and fair.pretrain == bench.pretrain
+    assert not set(fair.tuning_tasks) & (set(fair.tasks) | set(fair.pretrain_tasks))
+    assert "stick-push-v3" not in fair.tuning_tasks  # no signal for any method
+    assert {"corda_ipm", "corda_kpm", "lora_ga"} <= set(fair.methods)
+    assert len({len(trials) for trials in fair.tuning.values()}) == 1
+    assert set(fair.tuning) == set(fair.methods) | set(fair.sequential_methods)
