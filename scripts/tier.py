@@ -331,6 +331,8 @@ def run_stages(args: argparse.Namespace, tier: Tier, out: Path, executor: Execut
     progress = not args.no_progress
     t0 = time.perf_counter()
     for stage in args.stages:
+        if stage == "tune" and tier.tuning is None:
+            continue  # a tier without a tuning grid trains at its own settings
         logging.info("tier %s: stage %s", tier.name, stage)
         check_stage(tier, out, stage)
         if stage == "report":

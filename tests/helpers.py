@@ -22,6 +22,28 @@ def run_script(name: str, argv: Sequence[str], timeout: float = 300
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(name: str, argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>.py``'s ``main(argv)`` in this process, as `run_script` would
+    run the file but without a fresh interpreter (its torch imports cost seconds): the exit
+    status `script_cli.script_main` returns and what the script printed on stdout and
+    stderr (log records go to pytest's capture, not stderr). An unexpected error raises, as
+    its traceback would end the script. For what needs a real process (signals, ``kill
+    -9``, a lock another pid holds) use `run_script`."""
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module(name).main  # conftest puts scripts/ on sys.path
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # a script sets its --threads
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([name, *argv], code, out.getvalue(), err.getvalue())
+
+
 # ------------------------------------------------------------- tiny fine-tuning experiments
 
 TASKS = ("faucet-close-v3", "window-close-v3")

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_script
+from helpers import ROOT, run_main
 
 from agents.collection import collect_datasets, collection_metadata, collection_seed
 from agents.experts import (
@@ -257,7 +257,7 @@ def test_resume_refuses_other_settings_and_foreign_dirs(reference, tmp_path):
 @pytest.mark.slow
 def test_collect_script_prints_summary(reference):
     ref_out, _ = reference
-    done = run_script("collect", _collect_args(ref_out))
+    done = run_main("collect", _collect_args(ref_out))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == [

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TASKS, Interrupt, comparable, experiment, run_script, tiny_config
+from helpers import TASKS, Interrupt, comparable, experiment, run_main, tiny_config
 
 from agents.protocols import Experiment, run_experiment
 from eva_rl.data import DatasetError
@@ -111,7 +111,7 @@ def test_bad_input_is_refused_before_anything_is_written(setup, tmp_path):
 def test_finetune_script_reports_bad_input_in_one_line(setup, tmp_path):
     _, data, pre = setup
     out = tmp_path / "run"
-    done = run_script("finetune", [
+    done = run_main("finetune", [
         "--pretrained", str(pre), "--data", str(data), "--tasks", ",".join(TASKS),
         "--methods", "lorra", "--config", "quick", "--no-progress", "--out", str(out)])
     err = done.stderr.strip()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TASKS, comparable, experiment, run_script
+from helpers import ROOT, TASKS, comparable, experiment, run_main, run_script
 
 from eva_rl.io import atomic_write, check_writable, read_checked_json, write_checked_json
 from eva_rl.killpoints import KILL_ENV
@@ -581,7 +581,7 @@ def test_script_refuses_bad_input_in_one_line_and_writes_nothing(setup, tmp_path
         args = argv(setup, tmp_path)
         root, _, _ = setup
         before, before_setup = snapshot(tmp_path), snapshot(root)
-        done = run_script(script, args)
+        done = run_main(script, args)  # refused before any work: no process needed
         assert_one_error_line(done, *needles)
         assert snapshot(tmp_path) == before and snapshot(root) == before_setup
     finally:
@@ -592,15 +592,15 @@ def test_script_refuses_bad_input_in_one_line_and_writes_nothing(setup, tmp_path
 @pytest.mark.slow
 def test_pretrain_script_refuses_fewer_steps_and_a_corrupt_checkpoint(setup, tmp_path):
     out = tmp_path / "p"
-    assert run_script("pretrain", _pretrain_args(setup, out, steps="4")).returncode == 0
+    assert run_main("pretrain", _pretrain_args(setup, out, steps="4")).returncode == 0
     before = snapshot(tmp_path)
-    done = run_script("pretrain", _pretrain_args(setup, out, "--resume", steps="2"))
+    done = run_main("pretrain", _pretrain_args(setup, out, "--resume", steps="2"))
     assert_one_error_line(done, "done 4 updates", "asks for fewer")
     assert snapshot(tmp_path) == before
     ckpt = next((out / "checkpoints").iterdir()) / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     before = snapshot(tmp_path)
-    done = run_script("pretrain", _pretrain_args(setup, out, "--resume", steps="6"))
+    done = run_main("pretrain", _pretrain_args(setup, out, "--resume", steps="6"))
     assert_one_error_line(done, "model.safetensors", "corrupt")
     assert snapshot(tmp_path) == before  # config.json not rewritten by a failed resume
 
@@ -613,17 +613,17 @@ def test_report_refuses_another_report_and_overwrite_moves_it_aside(setup, tmp_p
     other = tmp_path / "other"
     run_experiment(experiment(setup, methods=("lora",), steps=2), other)
     out = tmp_path / "rep"
-    assert run_script("report", [str(run), "--out", str(out), "--no-tensorboard",
-                                 "--bootstrap-reps", "20"]).returncode == 0
+    assert run_main("report", [str(run), "--out", str(out), "--no-tensorboard",
+                               "--bootstrap-reps", "20"]).returncode == 0
     first = snapshot(out)
-    again = run_script("report", [str(run), "--out", str(out), "--no-tensorboard",
-                                  "--bootstrap-reps", "20"])
+    again = run_main("report", [str(run), "--out", str(out), "--no-tensorboard",
+                                "--bootstrap-reps", "20"])
     assert again.returncode == 0  # the same report again: allowed
-    done = run_script("report", [str(other), "--out", str(out), "--bootstrap-reps", "20"])
+    done = run_main("report", [str(other), "--out", str(out), "--bootstrap-reps", "20"])
     assert_one_error_line(done, "holds another report", "--overwrite")
     assert snapshot(out).keys() == first.keys()
-    done = run_script("report", [str(other), "--out", str(out), "--overwrite",
-                                 "--no-tensorboard", "--bootstrap-reps", "20"])
+    done = run_main("report", [str(other), "--out", str(out), "--overwrite",
+                               "--no-tensorboard", "--bootstrap-reps", "20"])
     assert done.returncode == 0, done.stderr[-2000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("rep.old-")]
     assert len(aside) == 1 and snapshot(aside[0]).keys() == first.keys()
@@ -634,11 +634,11 @@ def test_report_refuses_another_report_and_overwrite_moves_it_aside(setup, tmp_p
 
 
 def _killed_then(script, argv, point, resume_argv=None):
-    """Run ``script`` killed at ``point``, then run it again (``resume_argv`` or the same);
-    returns the second run."""
+    """Run ``script`` killed at ``point`` (a real process), then run it again in this
+    process (``resume_argv`` or the same); returns the second run."""
     killed = run_env(script, argv, {KILL_ENV: point})
     assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-3000:])
-    again = run_script(script, resume_argv or argv)
+    again = run_main(script, resume_argv or argv)
     assert again.returncode == 0, (point, again.stderr[-3000:])
     return again
 
@@ -652,7 +652,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_pretrain_killed_anywhere_resumes_to_the_uninterrupted_model(setup, tmp_path):
     straight = tmp_path / "straight"
-    assert run_script("pretrain", _pretrain_args(setup, straight, steps="5")).returncode == 0
+    assert run_main("pretrain", _pretrain_args(setup, straight, steps="5")).returncode == 0
     # before the first checkpoint (nothing to resume from yet), after one, and between two
     for point in ("pretrain.config_written", "trainer.checkpoint_saved@1", "trainer.step@3"):
         out = tmp_path / point.replace("@", "-")
@@ -671,7 +671,7 @@ def test_finetune_killed_anywhere_resumes_to_the_uninterrupted_results(setup, tm
                               "--batch-size", "8", "--steps", "4", "--eval-every", "0")
 
     straight = tmp_path / "straight"
-    assert run_script("finetune", args(straight)).returncode == 0
+    assert run_main("finetune", args(straight)).returncode == 0
     expected = comparable(json.loads((straight / "results.json").read_text()))
     for point in ("finetune.config_written", "finetune.eva_saved@2", "trainer.step@6",
                   "finetune.record_written@1"):
@@ -689,7 +689,7 @@ def test_collect_killed_anywhere_resumes_to_the_uninterrupted_datasets(tmp_path)
                 "--max-episode-steps", "20", "--quiet", "--out", str(out)]
 
     straight = tmp_path / "straight"
-    assert run_script("collect", args(straight)).returncode == 0
+    assert run_main("collect", args(straight)).returncode == 0
     for point in ("collect.dataset_written@1",):
         out = tmp_path / "killed"
         again = _killed_then("collect", args(out), point)
@@ -704,7 +704,7 @@ def test_collect_killed_anywhere_resumes_to_the_uninterrupted_datasets(tmp_path)
 def test_quickstart_killed_before_the_first_checkpoint_continues(tmp_path):
     out = tmp_path / "q"
     argv = ["--out", str(out), "--episodes", "1", "--pretrain-steps", "4", "--steps", "2",
-            "--no-progress"]
+            "--eval-episodes", "1", "--no-progress"]
     again = _killed_then("quickstart", argv, "pretrain.config_written")
     assert (out / "pretrain/model.safetensors").is_file()
     assert (out / "finetune/report.md").is_file() and "done in" in again.stdout

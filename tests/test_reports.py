@@ -212,16 +212,16 @@ def test_terminal_table(summary):
 
 @pytest.mark.slow
 def test_report_script_combines_runs(results, tmp_path):
-    from helpers import run_script
+    from helpers import run_main
 
     single, seq = reports.empty_results(), reports.empty_results()
     single["runs"] = [r for r in results["runs"] if r["protocol"] == "single"]
     seq["runs"] = [r for r in results["runs"] if r["protocol"] == "sequential"]
     reports.write_json(tmp_path / "a" / "results.json", single)
     reports.write_json(tmp_path / "b" / "results.json", seq)
-    done = run_script("report", [str(tmp_path / "a"), str(tmp_path / "b"), "--out",
-                                 str(tmp_path / "c"), "--no-tensorboard", "--bootstrap-reps",
-                                 str(REPS)])
+    done = run_main("report", [str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                               str(tmp_path / "c"), "--no-tensorboard", "--bootstrap-reps",
+                               str(REPS)])
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "c" / "report.md").read_text()
     assert "`single` protocol" in md and "`sequential` protocol" in md
@@ -230,10 +230,10 @@ def test_report_script_combines_runs(results, tmp_path):
     assert reports.summarize(merged, bootstrap_reps=REPS)["sequential"]["lora"][
         "forward_transfer"] is not None
     assert "IQM [95% CI]" in done.stdout
-    missing = run_script("report", [str(tmp_path / "missing"), "--out", str(tmp_path / "d")])
+    missing = run_main("report", [str(tmp_path / "missing"), "--out", str(tmp_path / "d")])
     assert missing.returncode == 2 and "no results.json" in missing.stderr
-    zero = run_script("report", [str(tmp_path / "a"), "--out", str(tmp_path / "e"),
-                                 "--bootstrap-reps", "0"])
+    zero = run_main("report", [str(tmp_path / "a"), "--out", str(tmp_path / "e"),
+                               "--bootstrap-reps", "0"])
     assert zero.returncode == 2 and "--bootstrap-reps must be positive" in zero.stderr
 
 

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TASKS, comparable
+from helpers import ROOT, TASKS, comparable, run_main
 from test_reliability import _processes_with
 
 from eva_rl.runlock import LOCK_FILE
@@ -156,10 +156,11 @@ def test_a_signal_stops_finetune_and_its_command_continues(setup, tmp_path, unin
     # the command it names continues the run to the uninterrupted results
     cmd = shlex.split(stops[0].split("continue with: ", 1)[1])
     assert cmd[0] == "python" and cmd[-1] == "--resume"
+    assert Path(cmd[1]) == ROOT / "scripts" / "finetune.py"
     if sig == signal.SIGINT:
         return
-    again = subprocess.run([sys.executable, *cmd[1:], "--executor", "local"], env=_env(),
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the continuation needs no process of its own: the script's main, in this one
+    again = run_main("finetune", [*cmd[2:], "--executor", "local"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert _results(out) == uninterrupted
 

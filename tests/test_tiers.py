@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import comparable, run_script, tiny_config
+from helpers import comparable, run_main, run_script, tiny_config
 
 from agents.protocols import Cell, cell_finished
 from agents.tiers import (
@@ -196,15 +196,15 @@ def test_reproduce_names_what_the_tier_does_not_have(tmp_path):
     pub = tmp_path / "published"
     pub.mkdir()
     write_tier_file(tiny_tier(), pub / "tier.json")
-    bad_task = run_script("reproduce", ["--results", str(pub), "--method", "lora",
-                                        "--task", "hammer", "--seed", "0"])
+    bad_task = run_main("reproduce", ["--results", str(pub), "--method", "lora",
+                                      "--task", "hammer", "--seed", "0"])
     assert bad_task.returncode == 2
     assert "hammer-v3 is not a task of tier tiny; its tasks: window-close-v3" in bad_task.stderr
-    bad_method = run_script("reproduce", ["--results", str(pub), "--method", "dora",
-                                          "--task", "window-close", "--seed", "0"])
+    bad_method = run_main("reproduce", ["--results", str(pub), "--method", "dora",
+                                        "--task", "window-close", "--seed", "0"])
     assert bad_method.returncode == 2 and "its methods: lora, eva" in bad_method.stderr
-    no_results = run_script("reproduce", ["--results", str(pub), "--method", "lora",
-                                          "--task", "window-close", "--seed", "0"])
+    no_results = run_main("reproduce", ["--results", str(pub), "--method", "lora",
+                                        "--task", "window-close", "--seed", "0"])
     assert no_results.returncode == 2 and "results.json" in no_results.stderr
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import run_script
+from helpers import run_main
 
 from eva_rl.data import WindowSampler, open_datasets, write_dataset
 from eva_rl.models import DecisionTransformer, DTConfig
@@ -290,10 +290,10 @@ def test_pretrain_script_runs_and_reports_bad_input_in_one_line(data_root, tmp_p
     out = tmp_path / "cli"
     argv = ["--data", str(data_root), "--tasks", ",".join(TASKS), "--preset", "tiny",
             "--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out)]
-    done = run_script("pretrain", argv)
+    done = run_main("pretrain", argv)
     assert done.returncode == 0, done.stderr
     assert "step 2: loss" in done.stdout and (out / WEIGHTS_FILE).is_file()
-    again = run_script("pretrain", argv)
+    again = run_main("pretrain", argv)
     err = again.stderr.strip().splitlines()
     assert again.returncode == 2 and err[-1].startswith("error: ")
     assert "already exists" in err[-1] and "--resume" in err[-1]
