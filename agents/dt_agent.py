@@ -62,6 +62,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def act_one_env(policy: Any, obs: np.ndarray) -> np.ndarray:
+    """A policy's ``act(obs)``: the action ``(act_dim,)`` for one env's observation, the
+    episode kept in ``policy._context``; call ``observe`` after the step."""
+    arr, _ = policy.check_obs(obs)
+    if arr.shape[0] != 1:
+        raise ValueError("act() takes one observation; use predict() for a batch")
+    action, policy._context = policy.predict(arr[0], state=policy._context)
+    return action
+
+
+def observe_one_env(policy: Any, reward: float) -> None:
+    """A policy's ``observe(reward)``: the reward of its last `act` step (updates the
+    return-to-go)."""
+    if policy._context is None:
+        raise RuntimeError("observe() before act(): no step to attach the reward to")
+    policy._context.push_rewards([float(reward)])
+
+
 class DTAgent:
     """A Decision Transformer that acts in Meta-World tasks.
 
@@ -234,19 +252,8 @@ class DTAgent:
         if isinstance(state, RolloutContext):
             state.push_rewards([float(locals_["reward"])], rows=[int(locals_["i"])])
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """The action ``(act_dim,)`` for one env's observation; call `observe` after the step."""
-        arr, _ = self.check_obs(obs)
-        if arr.shape[0] != 1:
-            raise ValueError("act() takes one observation; use predict() for a batch")
-        action, self._context = self.predict(arr[0], state=self._context)
-        return action
-
-    def observe(self, reward: float) -> None:
-        """Record the reward of the last `act` step (updates the return-to-go)."""
-        if self._context is None:
-            raise RuntimeError("observe() before act(): no step to attach the reward to")
-        self._context.push_rewards([float(reward)])
+    act = act_one_env
+    observe = observe_one_env
 
     # ----------------------------------------------------------------------- on disk
     @classmethod

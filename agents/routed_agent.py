@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agents.dt_agent import act_one_env, observe_one_env
 from agents.routing import RoutedContext, Router, RouterConfig, routed_actions
 from eva_rl.adapters import active_adapter, adapter_layers
 from eva_rl.routing import SignatureError, SignaturePool, TaskSignature
@@ -124,19 +125,12 @@ class RoutedAgent:
         """Feed each step's reward to the context; pass as `evaluate_policy(..., callback=)`."""
         self.agent.sb3_callback(locals_, globals_)
 
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """The action ``(act_dim,)`` for one env's observation; call `observe` after the step."""
-        arr, _ = self.agent.check_obs(obs)
-        if arr.shape[0] != 1:
-            raise ValueError("act() takes one observation; use predict() for a batch")
-        action, self._context = self.predict(arr[0], state=self._context)
-        return action
+    def check_obs(self, obs: Any) -> tuple[np.ndarray, bool]:
+        """The wrapped agent's `DTAgent.check_obs`."""
+        return self.agent.check_obs(obs)
 
-    def observe(self, reward: float) -> None:
-        """Record the reward of the last `act` step (updates the return-to-go)."""
-        if self._context is None:
-            raise RuntimeError("observe() before act(): no step to attach the reward to")
-        self._context.push_rewards([float(reward)])
+    act = act_one_env
+    observe = observe_one_env
 
 
 def _check_fingerprint(signature: TaskSignature, fingerprint: str) -> None:

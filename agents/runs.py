@@ -20,7 +20,6 @@ holds one entry per method x seed with its finished `TaskRecord`s (``per_task``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from agents.reports.results import empty_results, write_json
 from eva_rl.io import (
     CHECKSUM_KEY,
     move_aside,
+    read_json_object,
     read_versioned_json,
     verify_checked_json,
     write_checked_json,
@@ -269,12 +269,7 @@ def read_record(task_dir: str | os.PathLike) -> TaskRecord | None:
     path = Path(task_dir) / RECORD_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: corrupt task record, cannot read it ({err})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: corrupt task record (not a JSON object)")
+    record = read_json_object(path, "task record")
     verify_checked_json(path, record, "task record")
     record.pop(CHECKSUM_KEY)
     return TaskRecord.from_dict(record, str(path))

@@ -38,7 +38,7 @@ from agents.methods import METHODS
 from agents.protocols import Experiment
 from agents.tuning import check_grid, read_choice, trial_experiment, write_tuning_report
 from envs import CW10, MT40, resolve_task, resolve_tasks
-from eva_rl.io import read_versioned_json, sha256_file, write_json_atomic
+from eva_rl.io import read_json_object, read_versioned_json, sha256_file, write_json_atomic
 from eva_rl.schema import check_known_fields
 from eva_rl.training import WEIGHTS_FILE, PretrainConfig, pretrain_train_config
 
@@ -559,7 +559,7 @@ def read_fingerprints(published: str | Path) -> dict[str, Any] | None:
     path = Path(published) / FINGERPRINTS_FILE
     if not path.exists() and not path.is_symlink():
         return None
-    obj = _read_json_object(path, "fingerprints file")
+    obj = read_json_object(path, "fingerprints file")
     data, pretrained = obj.get("data"), obj.get("pretrained")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: corrupt fingerprints file: 'data' must be an object of "
@@ -581,21 +581,9 @@ def pretrained_on(root: str | Path) -> dict[str, str] | None:
     path = Path(root) / MACHINE_FILE
     if not path.exists():
         return None
-    info = _read_json_object(path, "machine record")
+    info = read_json_object(path, "machine record")
     _check_machine(path, info)
     return info
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; unreadable, empty, not JSON or not an object ->
-    ``ValueError`` naming the file."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: corrupt {what}, cannot read it ({err})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: corrupt {what}: expected a JSON object, got {_kind(obj)}")
-    return obj
 
 
 def _check_machine(path: Path, info: Any) -> None:

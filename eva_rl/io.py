@@ -328,6 +328,20 @@ def read_checked_json(path: str | os.PathLike, fmt: str, version: int, what: str
 # ----------------------------------------------------------------------------- reading
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; unreadable, empty, not JSON or not an object ->
+    ``ValueError`` naming the file and ``what`` it should hold."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: corrupt {what}, cannot read it ({err})") from None
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else type(obj).__name__
+        raise ValueError(f"{path}: corrupt {what}: expected a JSON object, got {kind}")
+    return obj
+
+
 def read_versioned_json(
     path: str | os.PathLike,
     fmt: str,
