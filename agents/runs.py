@@ -31,14 +31,13 @@ from typing import TYPE_CHECKING, Any
 from agents.reports.results import empty_results, write_json
 from eva_rl.io import (
     CHECKSUM_KEY,
-    move_aside,
     read_json_object,
     read_versioned_json,
     verify_checked_json,
     write_checked_json,
 )
 from eva_rl.killpoints import kill_point
-from eva_rl.runlock import carry_lock, is_empty_dir
+from eva_rl.runlock import is_empty_dir, replace_dir
 
 if TYPE_CHECKING:
     from agents.protocols import Experiment
@@ -309,10 +308,7 @@ def prepare_run_dir(out: str | os.PathLike, exp: Experiment, resume: bool = Fals
     if resume and not occupied:
         logger.info("%s holds no run yet: starting one", out)
     if occupied:
-        moved = move_aside(out)
-        out.mkdir(parents=True)
-        carry_lock(moved, out)
-        logger.warning("moved the existing run %s aside to %s", out, moved)
+        moved = replace_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG_FILE, {"format": EXPERIMENT_FORMAT, "version": EXPERIMENT_VERSION,
                                    "experiment": exp.to_dict()})

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eva_rl.io import temp_sibling
+from eva_rl.io import move_aside, temp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def replace_dir(directory: str | os.PathLike) -> Path:
+    """Move ``directory`` aside to ``<directory>.old-<UTC time>`` (nothing is deleted) and
+    make it again, empty but for this process's lock on it (`carry_lock`); returns where
+    the old contents went."""
+    directory = Path(directory)
+    moved = move_aside(directory)
+    directory.mkdir(parents=True)
+    carry_lock(moved, directory)
+    logger.warning("moved %s aside to %s", directory, moved)
+    return moved
 
 
 def carry_lock(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> bool:

@@ -64,6 +64,8 @@ from agents.reports import load_results
 from agents.runs import (
     RECORD_FILE,
     experiment_differences,
+    is_finite,
+    is_int,
     prepare_run_dir,
     read_record,
     run_dir_of,
@@ -133,15 +135,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------ the publication
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def record_problem(rec: Any, tier: Tier, task: str) -> str | None:
     """What is wrong with a published `single` record of ``task`` (None if nothing): its
     keys, types, finite values and ranges, as `agents.finetune.finetune_task` writes them."""
@@ -153,20 +146,20 @@ def record_problem(rec: Any, tier: Tier, task: str) -> str | None:
     n = tier.finetune.final_episodes
     max_return = MAX_REWARD * tier.finetune.max_episode_steps
     index = tier.tasks.index(task)
-    if rec["index"] != index or not _is_int(rec["index"]):
+    if rec["index"] != index or not is_int(rec["index"]):
         return f"index {rec['index']!r} is not {task}'s place in the tier ({index})"
-    if rec["final_episodes"] != n or not _is_int(rec["final_episodes"]):
+    if rec["final_episodes"] != n or not is_int(rec["final_episodes"]):
         return f"final_episodes {rec['final_episodes']!r} is not the tier's {n}"
     for key, low, high in (("success", 0.0, 1.0), ("auc", 0.0, 1.0),
                            ("mean_return", 0.0, max_return)):
-        if not _is_number(rec[key]) or not low <= rec[key] <= high:
+        if not is_finite(rec[key]) or not low <= rec[key] <= high:
             return f"{key} {rec[key]!r} is not a finite number in [{low:g}, {high:g}]"
     if abs(rec["success"] * n - round(rec["success"] * n)) > 1e-6:
         return f"success {rec['success']!r} is not a count of {n} episodes"
-    if not _is_int(rec["trainable_params"]) or rec["trainable_params"] < 0:
+    if not is_int(rec["trainable_params"]) or rec["trainable_params"] < 0:
         return f"trainable_params {rec['trainable_params']!r} is not a count"
     grad = rec["first_grad_norm"]
-    if grad is not None and not (_is_number(grad) and grad >= 0):
+    if grad is not None and not (is_finite(grad) and grad >= 0):
         return f"first_grad_norm {grad!r} is not a finite number >= 0 (or null)"
     for name, keys in CURVE_KEYS.items():
         problem = _curve_problem(rec[name], keys, max_return)
@@ -184,13 +177,13 @@ def _curve_problem(curve: Any, keys: tuple[str, ...], max_return: float) -> str 
     if len(lengths) != 1 or -1 in lengths:
         return f"{', '.join(keys)} must be lists of one length"
     steps = curve["steps"]
-    if not all(_is_int(s) and s >= 0 for s in steps) or any(
+    if not all(is_int(s) and s >= 0 for s in steps) or any(
             b <= a for a, b in zip(steps, steps[1:], strict=False)):
         return f"steps {steps!r:.120} are not increasing whole numbers >= 0"
     ranges = {"success": (0.0, 1.0), "return": (0.0, max_return), "loss": (-math.inf, math.inf)}
     for key in keys[1:]:
         low, high = ranges[key]
-        bad = [v for v in curve[key] if not (_is_number(v) and low <= v <= high)]
+        bad = [v for v in curve[key] if not (is_finite(v) and low <= v <= high)]
         if bad:
             return f"{key} holds {bad[0]!r}, not a finite number in [{low:g}, {high:g}]"
     return None
@@ -206,7 +199,7 @@ def published_record(results_dir: Path, tier: Tier, method: str, task: str,
     found, cells = [], set()
     for i, run in enumerate(results["runs"]):
         if not isinstance(run, dict) or not isinstance(run.get("per_task"), list) \
-                or not _is_int(run.get("seed")) or not isinstance(run.get("method"), str):
+                or not is_int(run.get("seed")) or not isinstance(run.get("method"), str):
             raise InputError(f"{path}: runs[{i}] is not a run (method, seed and a per_task "
                              "list)")
         if run.get("protocol") != "single":
@@ -413,7 +406,7 @@ def deviation(published: dict[str, Any], rerun: dict[str, Any], key: str
     a, b = _values(published, key), _values(rerun, key)
     if a is None or b is None:
         return (0.0, 0.0) if a == b else None
-    if len(a) != len(b) or not all(_is_number(v) for v in a + b):
+    if len(a) != len(b) or not all(is_finite(v) for v in a + b):
         return None
     absolute = max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
     relative = max((abs(x - y) / max(abs(x), abs(y)) for x, y in zip(a, b, strict=True)
@@ -440,7 +433,7 @@ def self_contradictions(rec: dict[str, Any], who: str) -> list[str]:
     except (KeyError, TypeError, ValueError, IndexError):
         return [f"{who} success_curve is not a curve"]
     out = []
-    if not _is_number(rec.get("auc")) or abs(rec["auc"] - auc) > 1e-9:
+    if not is_finite(rec.get("auc")) or abs(rec["auc"] - auc) > 1e-9:
         out.append(f"{who} auc {rec.get('auc')!r} is not its success curve's ({auc!r})")
     if rec.get("success") != success[-1]:
         out.append(f"{who} success {rec.get('success')!r} is not its success curve's last "

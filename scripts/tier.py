@@ -66,8 +66,8 @@ from agents.tiers import (
 )
 from agents.tuning import CHOICE_FILE, PLOT_FILE, TUNING_DIR
 from agents.tuning import REPORT_FILE as TUNING_REPORT
-from eva_rl.io import check_writable, move_aside, write_json_atomic, write_text_atomic
-from eva_rl.runlock import RunLock, carry_lock, is_empty_dir
+from eva_rl.io import check_writable, write_json_atomic, write_text_atomic
+from eva_rl.runlock import RunLock, is_empty_dir, replace_dir
 from eva_rl.training import WEIGHTS_FILE
 
 from script_cli import InputError, ScriptParser, script_main
@@ -257,10 +257,7 @@ def publish(tier: Tier, out: Path, dest: Path, overwrite: bool = False,
     with RunLock(dest, force=force_unlock):
         digests = published_digests(out)
         if check_publish_target(tier, dest, overwrite):
-            moved = move_aside(dest)
-            dest.mkdir(parents=True)
-            carry_lock(moved, dest)
-            logging.warning("moved %s aside to %s", dest, moved)
+            replace_dir(dest)
         return _copy_outputs(tier, out, dest, digests)
 
 

@@ -9,16 +9,13 @@ the same inputs (running the same command again); a directory holding a run (its
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from agents.reports.results import write_json
-from eva_rl.io import check_writable, move_aside, read_versioned_json
-from eva_rl.runlock import carry_lock, is_empty_dir
-
-logger = logging.getLogger(__name__)
+from eva_rl.io import check_writable, read_versioned_json
+from eva_rl.runlock import is_empty_dir, replace_dir
 
 INPUTS_FILE = "report_inputs.json"
 INPUTS_FORMAT = "eva-rl-report-inputs"
@@ -64,10 +61,7 @@ def prepare_report_dir(out: str | os.PathLike, inputs: Sequence[str],
     check_report_dir(out, inputs, overwrite)
     moved = None
     if _occupant(out, list(inputs)):
-        moved = move_aside(out)
-        out.mkdir(parents=True)
-        carry_lock(moved, out)
-        logger.warning("moved %s aside to %s", out, moved)
+        moved = replace_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / INPUTS_FILE, {"format": INPUTS_FORMAT, "version": INPUTS_VERSION,
                                    "inputs": list(inputs)})
