@@ -82,7 +82,8 @@ def trial_experiment(tier: Tier, paths: TierPaths, index: int) -> tuple[Experime
     exp = Experiment(pretrained=str(paths.pretrained), data=str(paths.data),
                      tasks=tier.tuning_tasks, methods=tuple(tier.tuning),
                      seeds=tier.tuning_seeds, protocol="single",
-                     config=tier.finetune.replace(method_settings=settings))
+                     config=tier.finetune.replace(method_settings=settings,
+                                                  **(tier.tuning_eval or {})))
     return exp, trial_dir(paths.root, index)
 
 

@@ -4,6 +4,7 @@ reported stages, published, and reproduced."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,8 +12,16 @@ from helpers import run_script
 from test_tiers import tiny_tier
 
 from agents.runs import read_experiment
-from agents.tiers import get_tier, tier_paths, write_tier_file
-from agents.tuning import CHOICE_FILE, PLOT_FILE, REPORT_FILE, TUNING_DIR, choose, read_choice
+from agents.tiers import Tier, get_tier, tier_paths, write_tier_file
+from agents.tuning import (
+    CHOICE_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    TUNING_DIR,
+    choose,
+    read_choice,
+    trial_experiment,
+)
 
 GRID = {"lora": [{"lr": 1e-3}, {"lr": 3e-2}],
         "eva": [{"lr": 1e-3, "eva_center": "token_type"}, {"lr": 3e-2}]}
@@ -98,9 +107,25 @@ def test_the_tune_stage_chooses_and_the_reported_stages_train_with_it(tmp_path):
 
 def test_the_fair_bench_tier_tunes_every_method_alike_on_held_out_tasks():
     fair, bench = get_tier("bench-tuned"), get_tier("bench")
-    assert fair.pretrain_tasks == bench.pretrain_tasks and fair.pretrain == bench.pretrain
+    assert fair.pretrain_tasks == bench.pretrain_tasks
+    assert fair.pretrain.train.steps == 3 * bench.pretrain.train.steps  # chosen on held-out
     assert not set(fair.tuning_tasks) & (set(fair.tasks) | set(fair.pretrain_tasks))
     assert "stick-push-v3" not in fair.tuning_tasks  # no signal for any method
     assert {"corda_ipm", "corda_kpm", "lora_ga"} <= set(fair.methods)
     assert len({len(trials) for trials in fair.tuning.values()}) == 1
     assert set(fair.tuning) == set(fair.methods) | set(fair.sequential_methods)
+    # each tuning cell evaluates once, after its last update: no zero-shot point
+    exp, _ = trial_experiment(fair, tier_paths("unused"), 0)
+    assert (exp.config.eval_every, exp.config.eval_at_start, exp.config.final_episodes) == (
+        0, False, 20)
+    assert exp.config.train.steps == fair.finetune.train.steps  # the same training
+
+
+def test_a_tiers_tuning_evaluation_is_checked():
+    fair = get_tier("bench-tuned")
+    for bad in ({"lr": 0.1}, {"final_eval_episodes": 0}, "fewer"):
+        with pytest.raises(ValueError, match="tuning_eval"):
+            dataclasses.replace(fair, tuning_eval=bad)
+    with pytest.raises(ValueError, match="tuning_eval needs a tuning grid"):
+        dataclasses.replace(get_tier("bench"), tuning_eval={"eval_every": 0})
+    assert Tier.from_dict(fair.to_dict()) == fair
