@@ -1,6 +1,7 @@
 """`scripts/reproduce.py` as an attacker of a published result would try it: a work
 directory made for another tier, malformed published files, and the graded verdict (a pure
-function of two task records); and the base-model messages of `agents.tiers`."""
+function of two task records, `agents.reproduction_verdict`); and the base-model messages
+of `agents.tiers`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from test_tiers import tiny_tier
 
 from agents.protocols import run_experiment
+from agents.reproduction import fingerprint_notes
+from agents.reproduction_verdict import fisher_exact, grade
 from agents.runs import RECORD_FILE, read_record
 from agents.tiers import (
     check_same_base,
@@ -319,13 +322,12 @@ def _final_success(rec: dict, success: float) -> dict:
 
 def test_fisher_exact_matches_known_p_values():
     # scipy.stats.fisher_exact([[k1, n - k1], [k2, n - k2]]).pvalue
-    assert reproduce.fisher_exact(41, 49, 50) == pytest.approx(0.01566048989604553, rel=1e-12)
-    assert reproduce.fisher_exact(30, 40, 50) == pytest.approx(0.04858163161294097, rel=1e-12)
-    assert reproduce.fisher_exact(0, 0, 50) == 1.0 and reproduce.fisher_exact(1, 2, 2) == 1.0
+    assert fisher_exact(41, 49, 50) == pytest.approx(0.01566048989604553, rel=1e-12)
+    assert fisher_exact(30, 40, 50) == pytest.approx(0.04858163161294097, rel=1e-12)
+    assert fisher_exact(0, 0, 50) == 1.0 and fisher_exact(1, 2, 2) == 1.0
 
 
 def test_the_verdict_is_graded(record):
-    grade = reproduce.grade
     assert record["success"] == 0.82 and record["final_episodes"] == 50
     same = grade(record, copy.deepcopy(record), 50)
     assert (same.grade, same.exit_code) == ("identical", 0)
@@ -395,7 +397,7 @@ def test_a_base_model_difference_names_its_likely_cause(tmp_path, published_on, 
     with pytest.raises(ValueError, match="is not the base model") as err:
         check_same_base(root, pub)
     assert says in str(err.value) and not_says not in str(err.value)
-    notes = reproduce.fingerprint_notes(pub, read_fingerprints(pub), root, [TASK])
+    notes = fingerprint_notes(pub, read_fingerprints(pub), root, [TASK])
     assert notes[0] == f"dataset {TASK}: differs from the published one"
     assert says in notes[1] and not_says not in notes[1]
     assert explain_base_difference(published_on, MACHINE) in notes[1]
@@ -414,6 +416,6 @@ def test_a_malformed_fingerprints_file_stops_the_restore_guard(tmp_path):
 
 
 def test_a_publication_without_fingerprints_is_compared_on_the_cell_alone(tmp_path):
-    notes = reproduce.fingerprint_notes(tmp_path, None, tmp_path / "work", [TASK])
+    notes = fingerprint_notes(tmp_path, None, tmp_path / "work", [TASK])
     assert notes == [f"{tmp_path / 'fingerprints.json'} is missing: datasets and pretrained "
                      "model not compared (the verdict rests on the cell alone)"]
