@@ -48,7 +48,7 @@ from eva_rl.training.trainer import TB_DIR
 
 if TYPE_CHECKING:
     from agents.dt_agent import DTAgent
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,8 @@ def task_batches(dataset: TrajectoryDataset, agent: DTAgent, config: FinetuneCon
     sampler = WindowSampler([dataset], context_len=cfg.context_len,
                             reward_scale=cfg.reward_scale, state_mean=agent.state_mean,
                             state_std=agent.state_std, seed=seed + 7919)
-    for _ in range(config.eva_max_batches):
-        batch = sampler.sample(config.eva_batch_size)
+    for _ in range(config.eva.max_batches):
+        batch = sampler.sample(config.eva.batch_size)
         yield {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
@@ -152,13 +152,14 @@ def compute_or_load_eva(agent: DTAgent, dataset: TrajectoryDataset, init: EvaIni
     Returns the result and whether it was computed now (False: loaded)."""
     if (eva_dir / "eva.json").is_file():
         return EvaResult.load(eva_dir), False
-    eva_config = EvaConfig(rank=config.rank, rho=max(config.rho, init.min_rho), tau=config.tau,
-                           max_batches=config.eva_max_batches, alpha=config.alpha,
-                           reverse=init.reverse, seed=seed, whiten=config.eva_whiten,
-                           row_norm=LORA_ROW_NORM if config.eva_row_norm == "lora" else None)
-    forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
+    eva = config.eva
+    eva_config = EvaConfig(rank=config.adapter.rank, rho=max(eva.rho, init.min_rho),
+                           tau=eva.tau, max_batches=eva.max_batches, alpha=config.adapter.alpha,
+                           reverse=init.reverse, seed=seed, whiten=eva.whiten,
+                           row_norm=LORA_ROW_NORM if eva.row_norm == "lora" else None)
+    forward, mask_fn = dt_forward_and_mask(agent.model, eva.token_types)
     t0 = time.perf_counter()
-    if config.eva_center == "token_type":
+    if eva.center == "token_type":
         result = compute_eva(agent.model, TaskBatches(dataset, agent, config, seed), eva_config,
                              forward=forward, mask_fn=mask_fn,
                              group_fn=dt_token_groups(agent.model))
@@ -201,11 +202,11 @@ class CordaInit:
         corda_config = CordaConfig(mode=self.mode, rank=adapter_config.rank,
                                    rank_pattern=dict(adapter_config.rank_pattern),
                                    target_modules=adapter_config.target_modules,
-                                   max_batches=config.eva_max_batches)
+                                   max_batches=config.eva.max_batches)
 
         def compute() -> InitResult:
-            # the rows EVA decomposes: real tokens of config.eva_token_types
-            forward, mask_fn = dt_forward_and_mask(agent.model, config.eva_token_types)
+            # the rows EVA decomposes: real tokens of config.eva.token_types
+            forward, mask_fn = dt_forward_and_mask(agent.model, config.eva.token_types)
             return compute_corda(agent.model,
                                  task_batches(dataset, agent, config, seed, agent.device),
                                  corda_config, forward=forward, mask_fn=mask_fn)
@@ -231,7 +232,7 @@ class LoraGaInit:
         ga_config = LoraGaConfig(rank=adapter_config.rank,
                                  rank_pattern=dict(adapter_config.rank_pattern),
                                  target_modules=adapter_config.target_modules,
-                                 max_batches=config.eva_max_batches, seed=seed)
+                                 max_batches=config.eva.max_batches, seed=seed)
 
         def compute() -> InitResult:
             return compute_lora_ga(agent.model,

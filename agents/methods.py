@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.initializers import AdapterInit, CordaInit, EvaInit, Initializer, LoraGaInit
-from eva_rl.adapters import AdapterConfig
+from eva_rl.adapters import VARIANTS, AdapterConfig
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,19 @@ class Method:
     description: str = ""
     settings: tuple[tuple[str, Any], ...] = ()
     """Fine-tuning settings the method fixes, whatever the run's config says:
-    ``(("eva_token_types", ("state",)),)`` (names of `agents.finetune.FinetuneConfig`)."""
+    ``(("eva_token_types", ("state",)),)`` (flat names: `agents.finetune_config.FLAT_FIELDS`)."""
 
     @property
     def is_full(self) -> bool:
         """True for full fine-tuning (no adapter: every weight trains)."""
         return self.adapter is None
+
+    @property
+    def has_budget(self) -> bool:
+        """True where the adapter's rank shrinks to a budget while it trains (AdaLoRA's
+        variant says so): it starts at `AdaLoraSettings.initial_rank` and the budget
+        allocator runs in the training loop (`agents.finetune.AdaLoraBudget`)."""
+        return self.adapter is not None and VARIANTS[self.adapter].has_budget
 
     @property
     def eva(self) -> bool:

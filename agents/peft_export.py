@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agents.dt_agent import DTAgent
-from agents.finetune import FinetuneConfig
+from agents.finetune_config import FinetuneConfig
 from agents.initializers import saved_init_result
 from agents.methods import get_method
 from agents.runs import read_experiment, read_record, run_dir_of, task_dir_of
@@ -70,8 +70,10 @@ def export_run_adapters(
 
     model = DTAgent.load(exp["pretrained"], device="cpu", threads=None).model
     # AdaLoRA: the run's budget schedule goes into PEFT's AdaLoraConfig
-    schedule = (FinetuneConfig.from_dict(exp["config"]).for_method(m).adalora_schedule()
-                if m.adapter == "adalora" else None)
+    schedule = None
+    if m.has_budget:
+        config = FinetuneConfig.from_dict(exp["config"]).for_method(m)
+        schedule = config.adalora.schedule(config.train.steps, config.adapter.rank)
     written: dict[str, Path] = {}
     for task, tdir in task_dirs.items():
         if not (tdir / "adapter").is_dir():

@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 from agents.dt_agent import DTAgent
 from agents.evaluation import evaluate
-from agents.finetune import FinetuneConfig, TaskHook, eval_seed, finetune_task
+from agents.finetune import TaskHook, eval_seed, finetune_task
+from agents.finetune_config import FinetuneConfig
 from agents.methods import Method, get_method, parse_methods
 from agents.routed_agent import RoutedAgent
 from agents.routing import SIGNATURE_DIR, load_signature, routing_summary
 from agents.runs import (
     RunResults,
     check_same_experiment,
+    experiment_differences,
     prepare_run_dir,
     read_record,
     run_dir_of,
@@ -116,6 +118,16 @@ class Experiment:
         """Inverse of ``to_dict``."""
         return cls(**{**d, "config": FinetuneConfig.from_dict(d["config"])})
 
+    def differences(self, recorded: Mapping[str, Any]) -> list[str]:
+        """``key: old -> new`` for every setting of the ``recorded`` experiment (a run's
+        ``config.json``) that differs from this one and that a resume may not change; the
+        fine-tuning settings compared as settings (`FinetuneConfig.differences`), so a
+        record written flat by older code equals the same settings written nested."""
+        config = [f"config.{d}" for d in self.config.differences(recorded.get("config"))]
+        return config + experiment_differences(
+            {k: v for k, v in recorded.items() if k != "config"},
+            {k: v for k, v in self.to_dict().items() if k != "config"})
+
 
 def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
     """Validate the device, the pretrained run and the data before anything is written.
@@ -138,7 +150,7 @@ def check_inputs(exp: Experiment) -> dict[str, TrajectoryDataset]:
                 f"data for {task} has observation/action dims ({ds.obs_dim}, {ds.act_dim}) but "
                 f"the pretrained model {exp.pretrained} expects ({model['state_dim']}, "
                 f"{model['act_dim']})")
-    horizon = exp.config.max_episode_steps
+    horizon = exp.config.eval.max_episode_steps
     if horizon > model["max_ep_len"]:
         raise ValueError(f"max_episode_steps={horizon} exceeds the pretrained model's "
                          f"max_ep_len={model['max_ep_len']}")
@@ -314,11 +326,11 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
                    seed: int, run: Path, hook: TaskHook | None = None) -> None:
     """The tasks in order on one agent; a success-matrix row after each task.
 
-    With ``config.routing`` other than ``oracle`` every row is measured without telling
+    With ``config.routing.router`` other than ``oracle`` every row is measured without telling
     the agent the tasks (a `RoutedAgent` whose router picks among the adapters trained so
     far, so misrouting shows as forgetting); the record then also holds the oracle's row
     and the routing accuracy and confusion (`agents.routing.routing_summary`)."""
-    routing = exp.config.router_config()
+    routing = exp.config.routing.router_config()
     if routing.router != "oracle" and method.is_full:
         raise ValueError(f"routing={routing.router!r} chooses among task adapters; "
                          f"{method.name} trains one model, there is nothing to route")
@@ -326,9 +338,9 @@ def run_sequential(exp: Experiment, datasets: Mapping[str, TrajectoryDataset], m
     routed = None if routing.router == "oracle" else RoutedAgent(agent, routing)
     unique = list(dict.fromkeys(exp.tasks))  # the order `evaluate` runs them in
     policy_eval = functools.partial(
-        evaluate, n_episodes=exp.config.final_episodes, seed=eval_seed(seed),
-        max_episode_steps=exp.config.max_episode_steps, progress=exp.config.train.progress,
-        stop_on_success=exp.config.eval_stop_on_success)
+        evaluate, n_episodes=exp.config.eval.final_episode_count, seed=eval_seed(seed),
+        max_episode_steps=exp.config.eval.max_episode_steps,
+        progress=exp.config.train.progress, stop_on_success=exp.config.eval.stop_on_success)
     row_eval = functools.partial(policy_eval, agent)  # told the tasks: the oracle
     # Told the task, an adapter method acts on a task with the frozen base and that task's
     # own adapter, so a task's row entry changes only when its adapter does: rows evaluate

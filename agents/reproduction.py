@@ -21,7 +21,7 @@ from typing import Any
 
 from agents.reports import load_results
 from agents.reproduction_verdict import COMPARED
-from agents.runs import experiment_differences, is_finite, is_int
+from agents.runs import is_finite, is_int
 from agents.tiers import (
     FINGERPRINTS_FILE,
     TIER_FILE,
@@ -48,8 +48,8 @@ def record_problem(rec: Any, tier: Tier, task: str) -> str | None:
     missing = [k for k in ("index", "final_episodes", *COMPARED) if k not in rec]
     if missing:
         return f"missing keys: {', '.join(missing)}"
-    n = tier.finetune.final_episodes
-    max_return = MAX_REWARD * tier.finetune.max_episode_steps
+    n = tier.finetune.eval.final_episode_count
+    max_return = MAX_REWARD * tier.finetune.eval.max_episode_steps
     index = tier.tasks.index(task)
     if rec["index"] != index or not is_int(rec["index"]):
         return f"index {rec['index']!r} is not {task}'s place in the tier ({index})"
@@ -134,8 +134,7 @@ def published_record(results_dir: Path, tier: Tier, method: str, task: str,
         raise ValueError(f"{path}: record {label}: {problem}")
     config = run.get("config")
     tuned = tuned_config(tier, results_dir, tier.methods)  # a tuned tier: its chosen settings
-    changed = experiment_differences(config, tuned.to_dict()) \
-        if isinstance(config, dict) else ["no config"]
+    changed = tuned.differences(config) if isinstance(config, dict) else ["no config"]
     if changed:
         raise ValueError(f"{path}: the run of {label} was not made with the tier's fine-tuning "
                          f"settings ({'; '.join(changed[:6])})")

@@ -25,7 +25,7 @@ episode's target return to the chosen task's. One decision = one extra base forw
 the envs deciding.
 
 Signatures live next to the adapter in a fine-tuning run: ``<task_dir>/signature/``,
-written when the run routes (`FinetuneConfig.routing` other than ``oracle``) or later by
+written when the run routes (`FinetuneConfig.routing.router` other than ``oracle``) or later by
 scripts/signatures.py (`agents.finetuned.write_signatures`). ``arrow`` needs none.
 """
 

@@ -338,7 +338,7 @@ def experiment_differences(old: Mapping[str, Any], new: Mapping[str, Any],
 
 def check_same_experiment(out: str | os.PathLike, exp: Experiment) -> None:
     """Resuming must continue the same experiment: a one-line error naming differences."""
-    diffs = experiment_differences(read_experiment(out), exp.to_dict())
+    diffs = exp.differences(read_experiment(out))
     if diffs:
         raise ValueError(f"{out} was started with other settings ({'; '.join(diffs)}); "
                          "resume with the same options or use --overwrite / a new --out")

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from agents.reports.results import load_results
 from agents.runs import (
     TaskRecord,
-    experiment_differences,
     is_int,
     read_record,
     run_dir_of,
@@ -136,7 +135,7 @@ def _check_run(run: Any, exp: Experiment, tier_seeds: Sequence[int], where: str)
         raise ValueError(f"{where}: its tasks are not the tier's ({', '.join(exp.tasks)})")
     if not isinstance(run.get("config"), dict):
         raise ValueError(f"{where}: no fine-tuning settings ('config')")
-    diffs = experiment_differences(run["config"], exp.config.to_dict())
+    diffs = exp.config.differences(run["config"])
     if diffs:
         raise ValueError(f"{where}: fine-tuned with other settings than the tier's "
                          f"({'; '.join(diffs[:3])})")
@@ -170,9 +169,10 @@ def _check_record(rec: Any, run: dict[str, Any], exp: Experiment, where: str) ->
     if record.method != run["method"] or record.seed != run["seed"]:
         raise ValueError(f"{where}: the record names {record.method!r} seed {record.seed!r}, "
                          "not its run's")
-    if record.final_episodes != exp.config.final_episodes:
+    final_episodes = exp.config.eval.final_episode_count
+    if record.final_episodes != final_episodes:
         raise ValueError(f"{where}: final_episodes {record.final_episodes!r}, but the tier's "
-                         f"{exp.protocol} stage evaluates {exp.config.final_episodes}")
+                         f"{exp.protocol} stage evaluates {final_episodes}")
 
 
 def _check_matrices(run: dict[str, Any], where: str) -> None:

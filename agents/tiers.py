@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agents.finetune import CONFIGS, FinetuneConfig
+from agents.finetune_config import CONFIGS, FinetuneConfig
 from agents.methods import METHODS
 from agents.protocols import Experiment
 from agents.tuning import check_grid, read_choice, trial_experiment, write_tuning_report
@@ -337,7 +337,7 @@ def collect_tier_data(tier: Tier, root: str | Path, tasks: Sequence[str] | None 
     from agents.experts import ScriptedCollector
 
     collector = ScriptedCollector(noise=tier.noise,
-                                  max_episode_steps=tier.finetune.max_episode_steps)
+                                  max_episode_steps=tier.finetune.eval.max_episode_steps)
     collect_datasets(tier.data_tasks if tasks is None else tasks, collector, tier.episodes,
                      tier_paths(root).data, seed=tier.data_seed, workers=workers,
                      progress=progress, force_unlock=force_unlock)
@@ -505,15 +505,14 @@ def check_stage_dir(tier: Tier, root: str | Path, protocol: str) -> None:
     that the tier's stage could not continue: made by a tier run elsewhere (the
     experiment records the absolute paths of its data and pretrained model, so a copied
     or moved tier run does not continue) or with other settings."""
-    from agents.runs import experiment_differences, read_experiment
+    from agents.runs import read_experiment
     from eva_rl.runlock import is_empty_dir
 
     exp, run_dir = stage_experiment(tier, root, protocol)
     if not run_dir.is_dir() or is_empty_dir(run_dir):
         return
     experiment = read_experiment(run_dir)
-    diffs = experiment_differences(experiment if isinstance(experiment, dict) else {},
-                                   exp.to_dict())
+    diffs = exp.differences(experiment if isinstance(experiment, dict) else {})
     if not diffs:
         return
     if all(d.split(":")[0] in ("pretrained", "data") for d in diffs):

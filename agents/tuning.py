@@ -50,7 +50,7 @@ def check_grid(grid: Mapping[str, Sequence[Mapping[str, Any]]], methods: Sequenc
     """A tuning grid: every method of ``methods`` with the same number (>= 1) of settings,
     each valid for that method (`FinetuneConfig.method_settings`); a ``ValueError``
     naming the method otherwise."""
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
 
     missing = [m for m in methods if m not in grid]
     extra = [m for m in grid if m not in methods]

@@ -68,21 +68,24 @@ def field_default(field: dataclasses.Field) -> Any:
 
 
 def add_field_flags(parser: argparse._ActionsContainer, cls: type, names: Sequence[str],
-                    defaults: Any = None) -> list[str]:
+                    defaults: Any = None, dests: Mapping[str, str] | None = None) -> list[str]:
     """Add ``--<name>`` for fields of dataclass ``cls``, typed and documented by the field
     (its docstring, and its value in ``defaults``, an instance of ``cls``, or else its own
     default; a bool field gets ``--<name>`` / ``--no-<name>``, a tuple one a comma list).
+    ``dests`` renames fields: ``{"rank": "adapter_rank"}`` gives ``--adapter-rank``.
 
     Every flag defaults to None ("not given"), so a preset's value stands unless the flag
     is passed. Returns the destination names (for ``config.replace(**...)``)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     docs = field_docs(cls)
-    for name in names:
-        kind = str(fields[name].type).split(" | ")[0].strip()
-        default = (field_default(fields[name]) if defaults is None
-                   else getattr(defaults, name))
+    dests = dests or {}
+    for field_name in names:
+        name = dests.get(field_name, field_name)
+        kind = str(fields[field_name].type).split(" | ")[0].strip()
+        default = (field_default(fields[field_name]) if defaults is None
+                   else getattr(defaults, field_name))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{docs.get(name, '')} (default: {shown})".replace("%", "%%")
+        help_text = f"{docs.get(field_name, '')} (default: {shown})".replace("%", "%%")
         flag = f"--{name.replace('_', '-')}"
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
@@ -97,7 +100,7 @@ def add_field_flags(parser: argparse._ActionsContainer, cls: type, names: Sequen
                                 help=help_text.replace("(default:", "(JSON; default:"))
             continue
         if kind not in _FLAG_TYPES:
-            raise TypeError(f"{cls.__name__}.{name}: no command-line flag for type {kind}")
+            raise TypeError(f"{cls.__name__}.{field_name}: no command-line flag for type {kind}")
         parser.add_argument(flag, dest=name, type=_FLAG_TYPES[kind], default=None,
                             help=help_text)
-    return list(names)
+    return [dests.get(n, n) for n in names]

@@ -18,39 +18,55 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
 
 from agents.executors import Executor, LocalExecutor, RayExecutor
-from agents.finetune import CONFIGS, FinetuneConfig, get_config
+from agents.finetune_config import CONFIGS, FLAT_FIELDS, GROUPS, FinetuneConfig, get_config
 from agents.methods import METHODS, get_method
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.runlock import RunLock
 from eva_rl.schema import add_field_flags
 from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
-from eva_rl.training import TrainConfig
 
 from script_cli import ScriptParser, script_main
 
 DEFAULT_CONFIG = "cpu"
-CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "train")
-TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                    if f.name not in ("seed", "progress"))  # seed: per task; --no-progress
+UNFLAGGED = ("seed", "progress")  # seed: per task (from --seeds); progress: --no-progress
+TRAIN_HELP = ("The optimisation of one task (TrainConfig); lr is the adapter methods' peak "
+              "learning rate, fft_lr full fine-tuning's.")
 
 
 def describe_configs() -> str:
     """What each named preset sets, as its differences from the fields' defaults."""
-    default = FinetuneConfig().to_dict()
+    default = FinetuneConfig().flat_settings()
     lines = []
     for name, config in sorted(CONFIGS.items()):
-        d = config.to_dict()
-        changed = [f"{k}={v}" for k, v in d["train"].items() if v != default["train"][k]]
-        changed += [f"{k}={v}" for k, v in d.items() if k != "train" and v != default.get(k)]
+        changed = [f"{k}={v}" for k, v in config.flat_settings().items() if v != default[k]]
         lines.append(f"{name}: {', '.join(changed) or 'the defaults'}")
     return "; ".join(lines)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, preset: FinetuneConfig) -> list[str]:
+    """One option group per group of fine-tuning settings (`GROUPS`), each setting a flag
+    named by its flat name (`FLAT_FIELDS`: ``--eva-token-types``) with its docstring and
+    ``preset``'s value; each group described by its class docstring. Returns the flat names
+    (for ``config.replace(**...)``)."""
+    names = []
+    for group, cls in GROUPS.items():
+        description = TRAIN_HELP if group == "train" else " ".join(cls.__doc__.split())
+        flags = parser.add_argument_group(f"{group} settings (config.{group})", description)
+        fields = {field: flat for flat, (g, field) in FLAT_FIELDS.items()
+                  if g == group and flat not in UNFLAGGED}
+        names += add_field_flags(flags, cls, list(fields), defaults=getattr(preset, group),
+                                 dests=fields)
+        if group == "train":
+            names += add_field_flags(flags, FinetuneConfig, ["fft_lr"], defaults=preset)
+    flags = parser.add_argument_group("per-method settings",
+                                      "Settings of single methods over the shared ones.")
+    return names + add_field_flags(flags, FinetuneConfig, ["method_settings"], defaults=preset)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,14 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="move an existing run in --out aside (to OUT.old-<time>), start anew")
     p.add_argument("--config", choices=sorted(CONFIGS), default=DEFAULT_CONFIG,
                    help=f"settings preset (default: {DEFAULT_CONFIG}); the fine-tuning settings "
-                        "below override its fields. Presets: "
+                        f"below override its values (the defaults shown are {DEFAULT_CONFIG}'s). "
+                        "Presets: "
                         + describe_configs().replace("%", "%%"))
-    fields = p.add_argument_group(f"fine-tuning settings (each overrides the --config "
-                                  f"preset's value; the defaults shown are {DEFAULT_CONFIG}'s)")
-    preset = CONFIGS[DEFAULT_CONFIG]
-    p.set_defaults(config_fields=[
-        *add_field_flags(fields, FinetuneConfig, CONFIG_FLAGS, defaults=preset),
-        *add_field_flags(fields, TrainConfig, TRAIN_FLAGS, defaults=preset.train)])
+    p.set_defaults(config_fields=add_settings_flags(p, CONFIGS[DEFAULT_CONFIG]))
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force-unlock", action="store_true",
@@ -94,14 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_routing(exp: Experiment) -> None:
     """--routing needs the sequential protocol and adapter methods (before anything is
     written)."""
-    if exp.config.routing == "oracle":
+    router = exp.config.routing.router
+    if router == "oracle":
         return
     if exp.protocol != "sequential":
-        raise ValueError(f"--routing {exp.config.routing} needs --protocol sequential (under "
+        raise ValueError(f"--routing {router} needs --protocol sequential (under "
                          "single every task is evaluated on its own adapter)")
     full = [m for m in exp.methods if get_method(m).is_full]
     if full:
-        raise ValueError(f"--routing {exp.config.routing}: {', '.join(full)} trains one model "
+        raise ValueError(f"--routing {router}: {', '.join(full)} trains one model "
                          "for all tasks; there are no task adapters to route among")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from agents.collection import collect_datasets
 from agents.experts import ScriptedCollector
-from agents.finetune import get_config
+from agents.finetune_config import get_config
 from agents.protocols import Experiment, run_experiment
 from agents.reports import format_table, summarize, write_report
 from eva_rl.io import check_writable, write_json_atomic

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if reused is not None:
         print(f"reused the cell finished at {reused} in {run} (this work directory, this "
               "tier); delete that directory to run it again")
-    verdict = grade(published, rerun, tier.finetune.final_episodes)
+    verdict = grade(published, rerun, tier.finetune.eval.final_episode_count)
     report(published, rerun, verdict)
     for note in notes:
         print(f"note: {note}")

@@ -52,7 +52,7 @@ TASKS = ("faucet-close-v3", "window-close-v3")
 
 def tiny_config(**kw):
     """A fine-tuning config of a few updates on the tiny DT (overrides in ``kw``)."""
-    from agents.finetune import get_config
+    from agents.finetune_config import get_config
 
     cfg = get_config("quick").replace(steps=6, batch_size=8, warmup_steps=1, eval_every=0,
                                       eval_at_start=False, eval_episodes=1, max_episode_steps=15,

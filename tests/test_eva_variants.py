@@ -94,30 +94,35 @@ def test_lora_row_norm_is_the_norm_of_a_lora_init():
 
 
 def test_named_variants_pin_their_settings():
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
 
     base = FinetuneConfig()
     assert base.for_method(get_method("eva")) is base  # the tuned `eva` follows the config
-    assert base.for_method(get_method("eva_state")).eva_token_types == ("state",)
-    assert base.for_method(get_method("eva_type_centered")).eva_center == "token_type"
-    assert base.for_method(get_method("eva_lora_norm")).eva_row_norm == "lora"
+    assert base.for_method(get_method("eva_state")).eva.token_types == ("state",)
+    assert base.for_method(get_method("eva_type_centered")).eva.center == "token_type"
+    assert base.for_method(get_method("eva_lora_norm")).eva.row_norm == "lora"
     with pytest.raises(ValueError, match="eva_center must be one of mean, token_type"):
-        FinetuneConfig(eva_center="type")
-    assert "eva_center" not in base.to_dict()  # old runs' configs still compare equal
+        FinetuneConfig().replace(eva_center="type")
+    # old runs' configs (flat, recorded before eva_center) still compare equal
+    train = base.to_dict()["train"]
+    old = {k: v for k, v in base.flat_settings().items()
+           if k not in train and k not in ("eva_center", "eva_row_norm")}
+    assert FinetuneConfig.from_dict({**old, "train": train}) == base
 
 
 def test_settings_per_method_are_the_methods_own():
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
 
     config = FinetuneConfig(method_settings={"eva": {"lr": 3e-3, "eva_center": "token_type"},
                                              "adalora": {"adalora_orth_weight": 0.0}})
     eva = config.for_method(get_method("eva"))
-    assert eva.train.lr == 3e-3 and eva.eva_center == "token_type"
+    assert eva.train.lr == 3e-3 and eva.eva.center == "token_type"
     assert config.for_method(get_method("lora")).train.lr == config.train.lr
-    assert config.for_method(get_method("adalora")).adalora_schedule().orth_reg_weight == 0.0
+    adalora = config.for_method(get_method("adalora")).adalora
+    assert adalora.schedule(config.train.steps, 4).orth_reg_weight == 0.0
     # the method's own fixed settings win over the run's entry for it
     pinned = FinetuneConfig(method_settings={"eva_state": {"eva_token_types": ("action",)}})
-    assert pinned.for_method(get_method("eva_state")).eva_token_types == ("state",)
+    assert pinned.for_method(get_method("eva_state")).eva.token_types == ("state",)
     assert FinetuneConfig.from_dict(config.to_dict()) == config
     for bad, needle in (({"evaa": {}}, "unknown method 'evaa'"),
                         ({"eva": {"eval_episodes": 3}}, "shared by every method"),

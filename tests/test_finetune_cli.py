@@ -8,7 +8,7 @@ import dataclasses
 import finetune as finetune_script
 import pytest
 
-from agents.finetune import CONFIGS, FinetuneConfig
+from agents.finetune_config import CONFIGS, FinetuneConfig
 from eva_rl.training import TrainConfig
 
 BASE = ["--pretrained", "p", "--data", "d", "--methods", "lora", "--out", "o"]
@@ -17,7 +17,7 @@ BASE = ["--pretrained", "p", "--data", "d", "--methods", "lora", "--out", "o"]
 def test_every_setting_is_a_flag():
     args = finetune_script.parse_args(BASE)
     reachable = set(args.config_fields)
-    assert {f.name for f in dataclasses.fields(FinetuneConfig)} - reachable == {"train"}
+    assert set(FinetuneConfig().flat_settings()) - reachable == {"seed", "progress"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - reachable == {"seed", "progress"}
     assert all(getattr(args, name) is None for name in reachable)  # "not given"
 
@@ -31,8 +31,8 @@ def test_flags_of_every_kind_parse():
     assert args.eval_stop_on_success is True and args.eval_at_start is False
     assert args.betas == (0.8, 0.95) and args.precision == "fp32"
     config = CONFIGS["cpu"].replace(**{n: getattr(args, n) for n in args.config_fields})
-    assert config.eva_center == "token_type" and config.train.betas == (0.8, 0.95)
-    assert config.eval_at_start is False and config.train.steps == CONFIGS["cpu"].train.steps
+    assert config.eva.center == "token_type" and config.train.betas == (0.8, 0.95)
+    assert config.eval.at_start is False and config.train.steps == CONFIGS["cpu"].train.steps
     assert config.method_settings == {"eva": {"lr": 0.003}}
     with pytest.raises(ValueError, match="invalid choice"):
         finetune_script.parse_args(BASE + ["--precision", "fp16"])

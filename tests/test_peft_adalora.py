@@ -294,7 +294,7 @@ def test_run_adapters_export_with_the_run_schedule(adalora_run, tmp_path):
     for i, task in enumerate(TASKS):
         cfg = json.loads((written[task] / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "ADALORA" and cfg["total_step"] == steps
-        assert cfg["target_r"] == run_config["rank"]
+        assert cfg["target_r"] == run_config["adapter"]["rank"]
         ours = copy.deepcopy(base)
         load_adapter(ours, run / "runs" / "adalora" / "seed_0" / f"{i:02d}_{task}" / "adapter")
         layers = adapter_layers(ours)

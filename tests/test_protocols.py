@@ -242,6 +242,6 @@ def test_sequential_rows_reevaluate_only_the_task_whose_adapter_changed(setup, t
     for i, rec in enumerate(run["per_task"]):
         load_adapter(agent.model, runs / f"{i:02d}_{TASKS[i]}" / "adapter", name=TASKS[i])
         row = evaluate(agent, TASKS, n_episodes=3, seed=eval_seed(0), max_episode_steps=40,
-                       progress=False, stop_on_success=exp.config.eval_stop_on_success)
+                       progress=False, stop_on_success=exp.config.eval.stop_on_success)
         assert rec["success_row"] == [row[t]["success_rate"] for t in TASKS]
         assert rec["return_row"] == [row[t]["mean_return"] for t in TASKS]

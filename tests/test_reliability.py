@@ -99,7 +99,7 @@ def test_script_main_prints_known_errors_in_one_line(capsys):
 
 
 def test_devices_and_non_finite_settings_are_refused_up_front():
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
     from eva_rl.training import TrainConfig, resolve_device
 
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
@@ -114,11 +114,11 @@ def test_devices_and_non_finite_settings_are_refused_up_front():
         with pytest.raises(ValueError, match="lr"):
             TrainConfig(lr=bad)
     with pytest.raises(ValueError, match="rho must be >= 1"):
-        FinetuneConfig(rho=0.5)  # was clamped to 1 at run time but recorded as given
+        FinetuneConfig().replace(rho=0.5)  # was clamped to 1 at run time but recorded as given
     with pytest.raises(ValueError, match="tau must be in"):
-        FinetuneConfig(tau=5)
+        FinetuneConfig().replace(tau=5)
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        FinetuneConfig(alpha=-1)
+        FinetuneConfig().replace(alpha=-1)
     with pytest.raises(ValueError, match="fft_lr must be a finite"):
         FinetuneConfig(fft_lr=float("inf"))
 

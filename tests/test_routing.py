@@ -174,12 +174,15 @@ def test_model_fingerprint_sees_every_weight():
 
 
 def test_finetune_config_routing_round_trip_and_old_runs_compare_equal():
-    from agents.finetune import FinetuneConfig
+    from agents.finetune_config import FinetuneConfig
 
     plain = FinetuneConfig().to_dict()
-    assert "routing" not in plain  # a run recorded before routing existed resumes
-    cfg = FinetuneConfig(routing="eva", routing_after=3)
+    # a run recorded (flat) before routing existed resumes
+    old = {k: v for k, v in FinetuneConfig().flat_settings().items()
+           if k not in plain["train"] and not k.startswith("routing")}
+    assert FinetuneConfig.from_dict({**old, "train": plain["train"]}) == FinetuneConfig()
+    cfg = FinetuneConfig().replace(routing="eva", routing_after=3)
     back = FinetuneConfig.from_dict(cfg.to_dict())
-    assert back.router_config().router == "eva" and back.routing_after == 3
+    assert back.routing.router_config().router == "eva" and back.routing.after == 3
     with pytest.raises(ValueError, match="unknown router 'evaa'"):
-        FinetuneConfig(routing="evaa")
+        FinetuneConfig().replace(routing="evaa")

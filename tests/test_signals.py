@@ -94,7 +94,7 @@ def _results(out: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(setup, tmp_path_factory):
     """The results of `_finetune_cmd`'s run, made in this process (as the script makes it)."""
-    from agents.finetune import get_config
+    from agents.finetune_config import get_config
     from agents.protocols import Experiment, run_experiment
 
     _, data, pre = setup

@@ -51,7 +51,7 @@ def test_bench_tier_never_pretrains_or_tunes_on_the_reported_tasks():
     assert not set(bench.pretrain_tasks) & set(CW10)
     assert not set(bench.tuning_tasks) & (set(CW10) | set(bench.pretrain_tasks))
     assert set(bench.pretrain_tasks) | set(bench.tuning_tasks) == set(MT40)
-    assert bench.finetune.final_episodes == 50
+    assert bench.finetune.eval.final_episode_count == 50
 
 
 def test_a_tier_round_trips_through_its_file(tmp_path):

@@ -116,7 +116,8 @@ def test_the_fair_bench_tier_tunes_every_method_alike_on_held_out_tasks():
     assert set(fair.tuning) == set(fair.methods) | set(fair.sequential_methods)
     # each tuning cell evaluates once, after its last update: no zero-shot point
     exp, _ = trial_experiment(fair, tier_paths("unused"), 0)
-    assert (exp.config.eval_every, exp.config.eval_at_start, exp.config.final_episodes) == (
+    evaluation = exp.config.eval
+    assert (evaluation.every, evaluation.at_start, evaluation.final_episode_count) == (
         0, False, 20)
     assert exp.config.train.steps == fair.finetune.train.steps  # the same training
 

@@ -30,6 +30,9 @@ class LoraVariant:
 
     name = "lora"
     accepts_given_A = True
+    has_budget = False
+    """Whether the adapter's rank shrinks to a budget while it trains (AdaLoRA: it starts
+    at a larger rank and an allocator masks singular values in the training loop)."""
 
     def check_rank(self, path: str, rank: int, in_features: int, out_features: int) -> None:
         """Raise `ValueError` if this variant cannot have `rank` on that layer."""
@@ -170,6 +173,7 @@ class AdaLoraVariant(LoraVariant):
 
     name = "adalora"
     accepts_given_A = False
+    has_budget = True
 
     def init(
         self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from agents.finetune import CONFIGS
+from agents.finetune_config import CONFIGS
 from eva_rl.adapters import AdapterConfig, add_adapter
 from eva_rl.eva import (
     ActivationCollector,
@@ -233,7 +233,8 @@ def step_time(model, batches, device, steps):
 
 
 def bench_share(args, device):
-    print("\n## EVA init as a share of one task's fine-tuning time (agents.finetune.CONFIGS)")
+    print("\n## EVA init as a share of one task's fine-tuning time "
+          "(agents.finetune_config.CONFIGS)")
     if not args.only_paper:
         share_one(args, device, args.preset, "cpu")
     if not args.skip_paper:
@@ -245,16 +246,17 @@ def share_one(args, device, preset: str, name: str) -> None:
     model = make_model(args, preset, device)
     cfg = model.config
     eva_b = args.paper_eva_batch if device.type == "cpu" and preset == "paper" else \
-        ft.eva_batch_size
-    batches = make_batches(args, cfg, min(ft.eva_max_batches, 60), eva_b, device, seed=1)
+        ft.eva.batch_size
+    batches = make_batches(args, cfg, min(ft.eva.max_batches, 60), eva_b, device, seed=1)
     forward, mask_fn = dt_forward_and_mask(model)
-    ecfg = EvaConfig(rank=ft.rank, rho=ft.rho, tau=ft.tau, max_batches=ft.eva_max_batches,
-                     alpha=ft.alpha)
+    ecfg = EvaConfig(rank=ft.adapter.rank, rho=ft.eva.rho, tau=ft.eva.tau,
+                     max_batches=ft.eva.max_batches, alpha=ft.adapter.alpha)
     eva_t = []
     for _ in range(args.repeats):
         t, res = timed(lambda: compute_eva(model, batches, ecfg, forward, mask_fn), device)
         eva_t.append(t)
-    apply_eva(model, "task", res, AdapterConfig(method="lora", rank=ft.rank, alpha=ft.alpha))
+    apply_eva(model, "task", res, AdapterConfig(method="lora", rank=ft.adapter.rank,
+                                                    alpha=ft.adapter.alpha))
     train_b, scale = ft.train.batch_size, 1.0
     if device.type == "cpu" and preset == "paper":  # batch 128 x 200 tokens: too slow here
         train_b, scale = args.paper_train_batch, ft.train.batch_size / args.paper_train_batch

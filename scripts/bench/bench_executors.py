@@ -51,7 +51,7 @@ def run_child_experiment(args: argparse.Namespace) -> dict:
     import torch
 
     from agents.executors import LocalExecutor, RayExecutor
-    from agents.finetune import get_config
+    from agents.finetune_config import get_config
     from agents.protocols import Experiment, run_experiment
 
     torch.set_num_threads(1)

@@ -34,7 +34,7 @@ import torch
 from agents.collection import collect_datasets
 from agents.evaluation import evaluate
 from agents.experts import ScriptedCollector
-from agents.finetune import get_config
+from agents.finetune_config import get_config
 from agents.finetuned import load_finetuned_agent, read_signatures, write_signatures
 from agents.protocols import Experiment, run_experiment
 from agents.reports.results import format_accuracy

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from agents.dt_agent import DTAgent
-from agents.finetune import get_config, method_task_signature
+from agents.finetune import method_task_signature
+from agents.finetune_config import get_config
 from agents.methods import get_method
 from agents.routing import base_features, episode_prefix_batch
 from envs import resolve_tasks
