@@ -288,7 +288,7 @@ def _fair_grid(methods: Sequence[str]) -> dict[str, tuple[dict[str, Any], ...]]:
     for m in methods:
         if m == "fft":
             grid[m] = tuple({"fft_lr": lr} for lr in (1e-4, 3e-4, 1e-3, 3e-3))
-        elif m == "adalora":
+        elif METHODS[m].has_budget:
             grid[m] = ({"lr": 1e-2, "adalora_orth_weight": 0.5},
                        *({"lr": lr, "adalora_orth_weight": 0.0} for lr in lrs[1:]))
         elif METHODS[m].eva and not METHODS[m].settings:
