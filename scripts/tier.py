@@ -95,9 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a published run of the same tier: its finished single cells and "
                         "whole sequential chains are taken as done (only the missing ones "
                         "run)")
-    p.add_argument("--publish", help="copy results, reports, plots, tier.json and "
-                                     "costs.json here (a new or empty directory, or a "
-                                     "publication of the same tier)")
+    p.add_argument("--publish", help="copy results, reports, plots, tier.json, "
+                                     "costs.json and the tuning (choice, table, plot, "
+                                     "every trial's results) here (a new or empty "
+                                     "directory, or a publication of the same tier)")
     p.add_argument("--overwrite", action="store_true",
                    help="with --publish: move what DIR holds (another tier's publication, "
                         "or other files) aside to DIR.old-<time> instead of refusing")
@@ -244,9 +245,11 @@ def published_digests(out: Path) -> dict[str, dict[str, str]]:
     """Per fine-tuning stage with results, the digests of its records
     (`agents.tier_records.record_digests`: ``results.json`` must be its records)."""
     paths = tier_paths(out)
+    runs = [*FINETUNE_STAGES, *(p.relative_to(out).as_posix()
+                                for p in sorted((out / TUNING_DIR).glob("trial_*")))]
     return {sub: record_digests(load_results(paths.root / sub / "results.json"),
                                 paths.root / sub)
-            for sub in FINETUNE_STAGES if (paths.root / sub / "results.json").exists()}
+            for sub in runs if (paths.root / sub / "results.json").exists()}
 
 
 def publish(tier: Tier, out: Path, dest: Path, overwrite: bool = False,
@@ -285,11 +288,18 @@ def _copy_outputs(tier: Tier, out: Path, dest: Path,
             else:
                 shutil.copy2(src, target)
             copied.append(target)
-    for name in TUNING_PUBLISHED:  # the tuning table, plot and choice (no trial runs)
+    for name in TUNING_PUBLISHED:  # the tuning table, plot and choice
         src = out / TUNING_DIR / name
         if src.exists():
             (dest / TUNING_DIR).mkdir(parents=True, exist_ok=True)
             copied.append(Path(shutil.copy2(src, dest / TUNING_DIR / name)))
+    for sub in digests:  # every trial's records, so that the table can be checked
+        if sub.startswith(f"{TUNING_DIR}/"):
+            target = dest / sub / "results.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, {**load_results(out / sub / "results.json"),
+                                       DIGESTS_KEY: digests[sub]})
+            copied.append(target)
     return copied
 
 

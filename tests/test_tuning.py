@@ -12,6 +12,7 @@ from helpers import run_script
 from test_tiers import tiny_tier
 
 from agents.runs import read_experiment
+from agents.tier_records import DIGESTS_KEY
 from agents.tiers import Tier, get_tier, tier_paths, write_tier_file
 from agents.tuning import (
     CHOICE_FILE,
@@ -80,6 +81,12 @@ def test_the_tune_stage_chooses_and_the_reported_stages_train_with_it(tmp_path):
     for name in (CHOICE_FILE, REPORT_FILE, PLOT_FILE):
         assert (tuning / name).is_file() and (pub / TUNING_DIR / name).is_file(), name
     assert sorted(p.name for p in tuning.glob("trial_*")) == ["trial_00", "trial_01"]
+    for t in (0, 1):  # each trial's records are published with their digests
+        published = json.loads((pub / TUNING_DIR / f"trial_{t:02d}" / "results.json")
+                               .read_text())
+        assert published["runs"] == json.loads(
+            (tuning / f"trial_{t:02d}" / "results.json").read_text())["runs"]
+        assert len(published[DIGESTS_KEY]) == sum(len(r["per_task"]) for r in published["runs"])
     choice = read_choice(root, tier)
     for method, settings in choice.items():
         assert settings in GRID[method]
