@@ -9,7 +9,9 @@ publish time from the checksummed ``record.json`` files, not from ``results.json
 digests make accidental or careless edits evident (a success changed by hand); they are
 no signature, and whoever recomputes them after an edit is not detected.
 
-    records, total = published_records(tier, "docs/results/bench", "single")
+    exp, _ = stage_experiment(tier, "runs/bench", "single")
+    records, total = published_records(exp, tier.seeds,
+                                       Path("docs/results/bench/single/results.json"))
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ def record_digests(results: Mapping[str, Any], run_root: Path) -> dict[str, str]
     return digests
 
 
-def published_records(exp: Experiment, tier_seeds: Sequence[int], published: Path
+def published_records(exp: Experiment, tier_seeds: Sequence[int], source: Path
                       ) -> tuple[list[tuple[str, int, dict[str, Any]]], int]:
-    """The task records of ``published/<protocol>/results.json`` that may be restored into
+    """The task records of a published ``results.json`` (``source``) that may be restored into
     ``exp``'s run directory, each checked as untrusted input: ``([(method, seed, record)],
     total)``, ``total`` the records of the stage published (the share of its cost).
 
@@ -82,7 +84,6 @@ def published_records(exp: Experiment, tier_seeds: Sequence[int], published: Pat
     is accepted with a warning: the checks above still hold, edits that keep a record
     consistent are not seen. `sequential` chains are restored whole only. Anything else
     is a ``ValueError`` naming the file, the run and the problem."""
-    source = published / exp.protocol / "results.json"
     if not source.exists():
         return [], 0
     results = load_results(source)

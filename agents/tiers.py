@@ -502,13 +502,18 @@ def check_stage(tier: Tier, root: str | Path, stage: str, after: Sequence[str] =
 
 def check_stage_dir(tier: Tier, root: str | Path, protocol: str) -> None:
     """Refuse (writing nothing) a ``single`` / ``sequential`` run directory in ``root``
-    that the tier's stage could not continue: made by a tier run elsewhere (the
-    experiment records the absolute paths of its data and pretrained model, so a copied
-    or moved tier run does not continue) or with other settings."""
+    that the tier's stage could not continue (`check_run_dir`)."""
+    check_run_dir(tier, root, *stage_experiment(tier, root, protocol))
+
+
+def check_run_dir(tier: Tier, root: str | Path, exp: Experiment, run_dir: Path) -> None:
+    """Refuse (writing nothing) a run directory of ``tier`` in ``root`` that its stage
+    could not continue: made by a tier run elsewhere (the experiment records the absolute
+    paths of its data and pretrained model, so a copied or moved tier run does not
+    continue) or with other settings than ``exp``."""
     from agents.runs import read_experiment
     from eva_rl.runlock import is_empty_dir
 
-    exp, run_dir = stage_experiment(tier, root, protocol)
     if not run_dir.is_dir() or is_empty_dir(run_dir):
         return
     experiment = read_experiment(run_dir)
@@ -521,7 +526,7 @@ def check_stage_dir(tier: Tier, root: str | Path, protocol: str) -> None:
             "tier run does not continue after it was copied or moved. Continue it where it "
             f"was made, or start this tier in a new --out with --restore-from {Path(root)} "
             "(its finished cells are taken over as records)")
-    raise ValueError(f"{run_dir} holds a {protocol} experiment with other settings than "
+    raise ValueError(f"{run_dir} holds a {exp.protocol} experiment with other settings than "
                      f"tier {tier.name}'s ({'; '.join(diffs)}); use a new --out")
 
 
@@ -744,19 +749,23 @@ def stage_experiment(tier: Tier, root: str | Path, protocol: str) -> tuple[Exper
     return make(tier, root), getattr(tier_paths(root), protocol)
 
 
+RESTORABLE_STAGES = ("tune", "single", "sequential")
+
+
 def restore_cells(tier: Tier, root: str | Path, published: str | Path,
-                  protocol: str = "single") -> int:
-    """Write the finished cells of a published tier (``published/<protocol>/results.json``)
-    into the ``protocol`` run directory of ``root`` as finished task records, so that the
-    stage runs only the cells still missing (e.g. a seed a session had no time for). A
-    `sequential` chain is restored only when all its tasks finished (a part of a chain
-    cannot continue without its weights). The published tier must equal ``tier``, its
-    records pass `agents.tier_records.published_records` (checked as untrusted input, all
-    before the first is written); cells already in ``root`` are kept. Returns the number
-    of task records written; their share of the published stage's seconds joins
-    ``root/costs.json``. Restored cells have a record only (no adapter or signature:
-    routing and PEFT export need the cell rerun). Refused when ``root``'s pretrained model
-    is not the published one (`check_same_base`)."""
+                  stage: str = "single") -> int:
+    """Write the finished cells of a published tier's ``stage`` (``published/<stage>/
+    results.json``, or for ``tune`` every ``published/tuning/trial_<t>/results.json``)
+    into its run directories in ``root`` as finished task records, so that the stage runs
+    only the cells still missing (e.g. a seed a session had no time for, or a tuning
+    stage already published). A `sequential` chain is restored only when all its tasks
+    finished (a part of a chain cannot continue without its weights). The published tier
+    must equal ``tier``, its records pass `agents.tier_records.published_records` (checked
+    as untrusted input, all before the first is written); cells already in ``root`` are
+    kept. Returns the number of task records written; their share of the published
+    stage's seconds joins ``root/costs.json``. Restored cells have a record only (no
+    adapter or signature: routing and PEFT export need the cell rerun). Refused when
+    ``root``'s pretrained model is not the published one (`check_same_base`)."""
     from agents.runs import (
         TaskRecord,
         prepare_run_dir,
@@ -767,29 +776,51 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     )
 
     published = Path(published)
-    records, total = check_restore_source(tier, published, protocol)
+    checked, total = check_restore_source(tier, published, stage)
     check_same_base(root, published)
-    exp, run_root = stage_experiment(tier, root, protocol)
-    check_stage_dir(tier, root, protocol)
-    prepare_run_dir(run_root, exp, resume=True)
+    targets = restore_sources(tier, root, stage)
+    for exp, run_root, _ in targets:
+        check_run_dir(tier, root, exp, run_root)
     written = 0
-    for method, seed, rec in records:
-        tdir = task_dir_of(run_dir_of(run_root, method, seed), rec["index"], rec["task"])
-        if read_record(tdir) is None:
-            tdir.mkdir(parents=True, exist_ok=True)
-            write_record(tdir, TaskRecord.from_dict(rec, f"{published}: {tdir.name}"))
-            written += 1
+    for (exp, run_root, _), records in zip(targets, checked, strict=True):
+        prepare_run_dir(run_root, exp, resume=True)
+        for method, seed, rec in records:
+            tdir = task_dir_of(run_dir_of(run_root, method, seed), rec["index"], rec["task"])
+            if read_record(tdir) is None:
+                tdir.mkdir(parents=True, exist_ok=True)
+                write_record(tdir, TaskRecord.from_dict(rec, f"{published}: {tdir.name}"))
+                written += 1
     if written:
-        carry_restored_costs(root, published, written / total, protocol)
+        carry_restored_costs(root, published, written / total, stage)
     return written
 
 
-def check_restore_source(tier: Tier, published: str | Path, protocol: str = "single"
-                         ) -> tuple[list[tuple[str, int, dict[str, Any]]], int]:
+def restore_sources(tier: Tier, root: str | Path, stage: str
+                    ) -> list[tuple[Experiment, Path, str]]:
+    """The experiments a ``stage`` of ``tier`` runs in ``root``, each with its run
+    directory and where a publication keeps its ``results.json`` (relative to it)."""
+    if stage == "tune":
+        if tier.tuning is None:
+            return []
+        paths = tier_paths(root)
+        trials = [trial_experiment(tier, paths, t)
+                  for t in range(len(next(iter(tier.tuning.values()))))]
+        return [(exp, run_dir, run_dir.relative_to(paths.root).as_posix())
+                for exp, run_dir in trials]
+    if stage not in RESTORABLE_STAGES:
+        raise ValueError(f"stage {stage!r} cannot be restored; valid: "
+                         f"{', '.join(RESTORABLE_STAGES)}")
+    return [(*stage_experiment(tier, root, stage), stage)]
+
+
+def check_restore_source(tier: Tier, published: str | Path, stage: str = "single"
+                         ) -> tuple[list[list[tuple[str, int, dict[str, Any]]]], int]:
     """Check a published tier for `restore_cells` without writing anything: a directory
     whose ``tier.json`` is ``tier``, whose ``fingerprints.json`` and ``costs.json`` read,
-    and whose ``protocol`` records pass `agents.tier_records.published_records` (what it
-    returns). A ``ValueError`` naming the file and the problem otherwise."""
+    and whose ``stage`` records pass `agents.tier_records.published_records`. Returns,
+    per experiment of the stage (in `restore_sources`' order), its restorable records
+    ``[(method, seed, record)]``, and the stage's total of published records. A
+    ``ValueError`` naming the file and the problem otherwise."""
     from agents.tier_records import published_records
 
     published = Path(published)
@@ -803,8 +834,12 @@ def check_restore_source(tier: Tier, published: str | Path, protocol: str = "sin
                          f"{', '.join(changed)}); its cells cannot be reused for {tier.name}")
     read_fingerprints(published)
     read_costs(published)
-    exp, _ = stage_experiment(tier, published, protocol)
-    return published_records(exp, tier.seeds, published)
+    checked, total = [], 0
+    for exp, _, sub in restore_sources(tier, published, stage):
+        records, n = published_records(exp, exp.seeds, published / sub / "results.json")
+        checked.append(records)
+        total += n
+    return checked, total
 
 
 def carry_restored_costs(root: str | Path, published: str | Path, share: float,

@@ -26,8 +26,7 @@ from agents.executors import Executor, LocalExecutor, RayExecutor
 from agents.finetune_config import CONFIGS, FLAT_FIELDS, GROUPS, FinetuneConfig, get_config
 from agents.methods import METHODS, get_method
 from agents.protocols import PROTOCOLS, Experiment, parse_seeds, run_experiment
-from agents.reports import format_table, summarize, write_report
-from eva_rl.runlock import RunLock
+from agents.reports import format_table, read_summary
 from eva_rl.schema import add_field_flags
 from eva_rl.threads import DEFAULT_THREADS, THREADS_HELP, set_threads
 
@@ -144,12 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     check_routing(exp)
     executor = make_executor(args)
     t0 = time.perf_counter()
-    with RunLock(args.out, force=args.force_unlock):  # through the report
-        results = run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,
-                                 executor=executor, report=False)
-        summary = summarize(results)  # the bootstraps are the slow part: once for both
-        write_report(results, args.out, summary=summary)
-    print(format_table(summary))
+    # the cells and the report, under one hold of OUT's run lock
+    run_experiment(exp, args.out, resume=args.resume, overwrite=args.overwrite,
+                   executor=executor, force_unlock=args.force_unlock)
+    print(format_table(read_summary(args.out)))  # the report's, not bootstrapped again
     print(f"\n{time.perf_counter() - t0:.0f} s. Report: {args.out}/report.md, plots: "
           f"{args.out}/plots/, tensorboard: tensorboard --logdir {args.out}")
     return 0

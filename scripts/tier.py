@@ -41,6 +41,7 @@ from agents.tier_records import DIGESTS_KEY, record_digests
 from agents.tiers import (
     COSTS_FILE,
     FINGERPRINTS_FILE,
+    RESTORABLE_STAGES,
     STAGES,
     TIER_FILE,
     TIERS,
@@ -92,9 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     p.add_argument("--workers", type=int, default=2, help="collection: tasks in parallel")
     p.add_argument("--restore-from", metavar="DIR",
-                   help="a published run of the same tier: its finished single cells and "
-                        "whole sequential chains are taken as done (only the missing ones "
-                        "run)")
+                   help="a published run of the same tier on the same base model: its "
+                        "finished tuning trials' cells, single cells and whole sequential "
+                        "chains are taken as done (only the missing ones run)")
     p.add_argument("--publish", help="copy results, reports, plots, tier.json, "
                                      "costs.json and the tuning (choice, table, plot, "
                                      "every trial's results) here (a new or empty "
@@ -115,9 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.stages = [s for s in STAGES + ("report",) if s in stages]
     if args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
-    if args.restore_from and not set(FINETUNE_STAGES) & set(args.stages):
-        raise InputError("--restore-from is read by the single and sequential stages, and "
-                         f"--stages {','.join(args.stages)} runs neither")
+    if args.restore_from and not set(RESTORABLE_STAGES) & set(args.stages):
+        raise InputError("--restore-from is read by the tune, single and sequential stages, "
+                         f"and --stages {','.join(args.stages)} runs none of them")
     if args.overwrite and not args.publish:
         raise InputError("--overwrite applies to --publish only (a tier's --out is always "
                          "continued)")
@@ -142,7 +143,7 @@ def check_sources(args: argparse.Namespace, tier: Tier, dest: Path | None) -> No
     """What this run reads or writes outside ``--out``, before it writes anything: the
     ``--restore-from`` publication (every record) and the ``--publish`` target."""
     if args.restore_from:
-        for stage in FINETUNE_STAGES:
+        for stage in RESTORABLE_STAGES:
             if stage in args.stages:
                 check_restore_source(tier, Path(args.restore_from), stage)
     if dest is not None:
@@ -345,7 +346,7 @@ def run_stages(args: argparse.Namespace, tier: Tier, out: Path, executor: Execut
         if stage == "report":
             print(report_stage(tier, out))
             continue
-        if stage in FINETUNE_STAGES and args.restore_from:
+        if stage in RESTORABLE_STAGES and args.restore_from:
             n = restore_cells(tier, out, args.restore_from, stage)
             logging.info("restored %d finished %s task records from %s", n, stage,
                          args.restore_from)

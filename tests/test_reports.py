@@ -347,3 +347,13 @@ def test_report_definitions_state_the_forward_transfer_rule_for_solved_reference
     definition = next(line for line in md.splitlines()
                       if line.startswith("- **forward transfer**"))
     assert "AUC_ref is 1" in definition and "mean AUC - 1" in definition
+
+
+def test_the_terminal_table_reads_the_written_summary(written, summary):
+    """What `scripts/finetune.py` prints after a run: the table of the report's
+    ``summary.json`` (no second bootstrap), the same as the in-memory summary's; a missing
+    summary is named."""
+    out, _ = written
+    assert reports.format_table(reports.read_summary(out)) == reports.format_table(summary)
+    with pytest.raises(ValueError, match="summary.json: corrupt report summary"):
+        reports.read_summary(out / "nowhere")

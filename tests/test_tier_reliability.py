@@ -129,7 +129,7 @@ def test_bad_flags_and_stage_inputs_are_refused_before_anything_is_written(work,
     refused(capsys, [*base, "--workers", "-3"], "--workers must be >= 1, got -3")
     refused(capsys, [*base, "--overwrite"], "--overwrite applies to --publish only")
     refused(capsys, [*base, "--stages", "collect,pretrain", "--restore-from", str(tmp)],
-            "--restore-from is read by the single and sequential stages")
+            "--restore-from is read by the tune, single and sequential stages")
     refused(capsys, [*base, "--stages", "report"], "no results to report yet")
     refused(capsys, [*base, "--stages", "single"], "no pretrained model yet")
     refused(capsys, [*base, "--stages", "pretrain"], "dataset for task 'reach-v3' is missing")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 from helpers import run_script
@@ -105,6 +106,20 @@ def test_the_tune_stage_chooses_and_the_reported_stages_train_with_it(tmp_path):
     assert single["config"]["method_settings"] == choice
     table = (tuning / REPORT_FILE).read_text()
     assert "Selection rule" in table and table.count("| eva |") == 2
+    # a published tuning stage is restored, not rerun, on the same base model
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy2(root / "tier.json", again / "tier.json")
+    for sub in ("data", "pretrained"):
+        shutil.copytree(root / sub, again / sub)
+    restored = run_script("tier", ["--tier", str(spec), "--out", str(again), "--stages", "tune",
+                                   "--restore-from", str(pub), "--no-progress"])
+    assert restored.returncode == 0, restored.stderr
+    cells = sum(len(r["per_task"]) for t in (0, 1) for r in json.loads(
+        (pub / TUNING_DIR / f"trial_{t:02d}" / "results.json").read_text())["runs"])
+    assert f"restored {cells} finished tune task records" in restored.stderr
+    assert read_choice(again, tier) == choice
+    assert not list((again / TUNING_DIR).rglob("*.safetensors"))  # nothing was trained
     # a published tuned cell reproduces with the published choice
     same = run_script("reproduce", ["--results", str(pub), "--method", "eva", "--task",
                                     "window-close", "--seed", "0", "--work",

@@ -19,7 +19,8 @@ from agents.lazy import lazy_exports
 # runs a cell writes records, never plots)
 _EXPORTS = {
     **dict.fromkeys(("build_figures", "figure_comparison", "save_figures"), "agents.reports.plots"),
-    **dict.fromkeys(("PAPER_AVG_SUCCESS", "format_table", "render_markdown", "write_report",
+    **dict.fromkeys(("PAPER_AVG_SUCCESS", "format_table", "read_summary", "render_markdown",
+                     "write_report",
                      "write_tensorboard"), "agents.reports.report"),
     **dict.fromkeys(("RESULTS_FORMAT", "RESULTS_VERSION", "empty_results", "final_success",
                      "is_complete", "load_results", "mean_success_curves", "merge_results",

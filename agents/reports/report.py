@@ -34,7 +34,7 @@ from agents.reports.statistics import (
 )
 from envs import CW10
 from eva_rl import metrics
-from eva_rl.io import atomic_dir
+from eva_rl.io import atomic_dir, read_json_object
 
 # Table 23 of the EVA paper (best rank per method): mean success over CW10, `single` protocol.
 PAPER_AVG_SUCCESS: dict[str, float] = {
@@ -362,6 +362,13 @@ def write_report(results: dict, out_dir: str | os.PathLike, tensorboard: bool = 
     if tensorboard:
         paths["tensorboard"] = write_tensorboard(results, summary, figures, out_dir / "tb")
     return paths
+
+
+def read_summary(out_dir: str | os.PathLike) -> dict:
+    """The ``summary.json`` that `write_report` wrote in ``out_dir`` (what `format_table`
+    prints), without bootstrapping again; a clear error naming the file if it is missing
+    or corrupt."""
+    return read_json_object(Path(out_dir) / "summary.json", "report summary")
 
 
 def format_table(summary: dict) -> str:
