@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from eva_rl.adapters.variants import VARIANTS
 from eva_rl.schema import check_known_fields
 
-ADAPTER_KINDS = ("lora", "dora", "pissa", "olora", "adalora")
+ADAPTER_KINDS = tuple(VARIANTS)  # "lora", "dora", "pissa", "olora", "adalora"
 """Adapter kinds `add_adapter` accepts (full fine-tuning is `prepare_full_finetuning`)."""
 
 DEFAULT_TARGETS = ("blocks.*",)
@@ -65,8 +66,9 @@ class AdapterConfig:
         for key, a in {"alpha": self.alpha, **self.alpha_pattern}.items():
             if not math.isfinite(a):
                 raise ValueError(f"{key} must be a finite number, got {a!r}")
-        if self.use_rslora and self.method == "adalora":
-            raise ValueError("use_rslora is not defined for adalora (its scaling is alpha / rank)")
+        if self.use_rslora and not VARIANTS[self.method].supports_rslora:
+            raise ValueError(f"use_rslora is not defined for {self.method} (its scaling is "
+                             "alpha / rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -28,6 +28,7 @@ from eva_rl.adapters.model import (
     linear_layers,
     set_active_adapter,
 )
+from eva_rl.adapters.variants import VARIANTS
 from eva_rl.io import atomic_write, read_versioned_json, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -167,17 +168,7 @@ def _check_tensors(
     directory: Path, path: str, info: dict[str, Any], found: dict[str, Tensor], method: str
 ) -> None:
     r, n_in, n_out = info["rank"], info["in_features"], info["out_features"]
-    expected: dict[str, tuple[int, ...]] = {}
-    if r > 0:
-        expected = {"lora_A": (r, n_in), "lora_B": (n_out, r)}
-        if method == "dora":
-            expected["lora_magnitude_vector"] = (n_out,)
-        if method == "adalora":
-            expected["lora_E"] = (r, 1)
-        # a LoRA given A and B (CorDA, LoRA-GA) keeps PiSSA's offset too
-        if method in ("pissa", "olora") or (
-                method == "lora" and any(k.startswith("lora_offset_") for k in found)):
-            expected.update(lora_offset_A=(r, n_in), lora_offset_B=(n_out, r))
+    expected = VARIANTS[method].tensor_shapes(r, n_in, n_out, found) if r > 0 else {}
     got = {k: tuple(t.shape) for k, t in found.items()}
     if got != expected:
         raise ValueError(

@@ -15,6 +15,7 @@ A variant holds no state; the tensors live in the `AdapterLinear`'s per-adapter 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,9 +34,21 @@ class LoraVariant:
     has_budget = False
     """Whether the adapter's rank shrinks to a budget while it trains (AdaLoRA: it starts
     at a larger rank and an allocator masks singular values in the training loop)."""
+    supports_rslora = True
+    """Whether rank-stabilised scaling (alpha / sqrt(r)) is defined for this variant."""
 
     def check_rank(self, path: str, rank: int, in_features: int, out_features: int) -> None:
         """Raise `ValueError` if this variant cannot have `rank` on that layer."""
+
+    def tensor_shapes(self, rank: int, in_features: int, out_features: int,
+                      names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+        """The tensors a saved adapter of this variant holds on one layer, by name, and their
+        shapes. ``names`` are the ones found: a LoRA given A and B (CorDA, LoRA-GA) keeps
+        PiSSA's frozen offset too."""
+        shapes = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+        if any(n.startswith("lora_offset_") for n in names):
+            shapes.update(lora_offset_A=(rank, in_features), lora_offset_B=(out_features, rank))
+        return shapes
 
     def init(
         self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
@@ -94,6 +107,12 @@ class DoraVariant(LoraVariant):
         )
         return state
 
+    def tensor_shapes(self, rank: int, in_features: int, out_features: int,
+                      names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+        """LoRA's pair and the magnitude vector (out,)."""
+        return {**super().tensor_shapes(rank, in_features, out_features),
+                "lora_magnitude_vector": (out_features,)}
+
     def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
         """`m/‖W + sBA‖ ⊙ (x W^T + s x A^T B^T) + bias`; bias is not rescaled (as in PEFT)."""
         weight, bias = layer.weight, layer.base_layer.bias
@@ -129,6 +148,11 @@ class _WeightDrivenVariant(LoraVariant):
                 f"{self.name} rank {rank} on layer {path!r} exceeds min(in, out) = "
                 f"{min(in_features, out_features)} of its weight"
             )
+
+    def tensor_shapes(self, rank: int, in_features: int, out_features: int,
+                      names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+        """LoRA's pair and its frozen offset (always)."""
+        return super().tensor_shapes(rank, in_features, out_features, ("lora_offset_A",))
 
 
 class PissaVariant(_WeightDrivenVariant):
@@ -174,6 +198,13 @@ class AdaLoraVariant(LoraVariant):
     name = "adalora"
     accepts_given_A = False
     has_budget = True
+    supports_rslora = False  # its scaling is alpha / rank
+
+    def tensor_shapes(self, rank: int, in_features: int, out_features: int,
+                      names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+        """Q (r, in), P (out, r) and Λ (r, 1)."""
+        return {**super().tensor_shapes(rank, in_features, out_features),
+                "lora_E": (rank, 1)}
 
     def init(
         self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
