@@ -23,7 +23,7 @@ lint: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup  # one worker per core; Ray tests share one
 
 quickstart: venv
 	$(PY) scripts/quickstart.py

@@ -76,6 +76,9 @@ def _remote_call(work: Callable[[Any], Any], item: Any, threads: int) -> str:
     return socket.gethostname()
 
 
+_CANCEL_WAIT_S = 10.0  # how long a stopping run waits for Ray to confirm its cancellations
+
+
 class RayExecutor:
     """Each item a Ray task, retried when its worker or node dies (a fine-tuning cell then
     continues from its latest checkpoint).
@@ -203,6 +206,9 @@ class RayExecutor:
         finally:
             for ref in refs:
                 ray.cancel(ref, force=True)
+            if refs:  # let the cancellations land: shutting down while a cancelled task's
+                # reply is still in flight has aborted Ray's core worker (task_manager.cc)
+                ray.wait(list(refs), num_returns=len(refs), timeout=_CANCEL_WAIT_S)
             self.shutdown()
 
 

@@ -4,7 +4,8 @@ import bench_executors
 import pytest
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# one Ray cluster at a time under `pytest -n` (Ray takes every core it sees)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def test_bench_executors_prints_its_figures(setup, capsys):

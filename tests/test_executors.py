@@ -16,7 +16,9 @@ from agents.executors import RayExecutor
 from agents.protocols import Cell, RunDirNotVisible, run_cell, run_experiment
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+# one Ray cluster at a time under `pytest -n` (Ray takes every core it sees)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
+              pytest.mark.xdist_group("ray")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
