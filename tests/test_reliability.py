@@ -1,4 +1,4 @@
-"""Issue 10: every script refuses bad input before it writes (one `error:` line, exit 2,
+"""Every script refuses bad input before it writes (one `error:` line, exit 2,
 every existing file byte-identical), survives `kill -9` at chosen points (`EVA_RL_KILL_AT`,
 `eva_rl.killpoints`), and never writes into a directory another run owns (`RunLock`)."""
 

@@ -23,8 +23,9 @@ from eva_rl.runlock import LOCK_FILE
 
 from script_cli import InputError, ScriptParser, script_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 # one Ray cluster at a time under `pytest -n` (Ray takes every core it sees)
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("ray")]
+ON_RAY_WORKER = pytest.mark.xdist_group("ray")
 
 PREFIX = "interrupted: "
 
@@ -119,8 +120,9 @@ def _first_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 300) -
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("executor, sig", [("local", signal.SIGINT), ("local", signal.SIGTERM),
-                                           ("ray", signal.SIGTERM)])
+@pytest.mark.parametrize("executor, sig", [
+    ("local", signal.SIGINT), ("local", signal.SIGTERM),
+    pytest.param("ray", signal.SIGTERM, marks=ON_RAY_WORKER)])
 def test_a_signal_stops_finetune_and_its_command_continues(setup, tmp_path, uninterrupted,
                                                            executor, sig):
     """Interrupted mid-cell; the lock released; the command of its line continues the run
@@ -202,6 +204,7 @@ def test_collect_workers_stop_with_a_signal(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@ON_RAY_WORKER
 def test_no_ray_process_outlives_a_killed_driver(setup, tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "run"
