@@ -46,3 +46,14 @@ def setup(tmp_path_factory):
     pretrain(data, TASKS, pre, PretrainConfig(preset="tiny", train=pretrain_train_config(
         6, batch_size=8, checkpoint_every=0, progress=False)))
     return root, data, pre
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with end-to-end (``slow``) tests first, each module kept in one piece (its
+    module fixtures made once). Under ``pytest -n`` the longest tests then start while
+    every worker is busy, instead of one of them running alone at the end."""
+    modules = list(dict.fromkeys(item.module for item in items))
+    has_slow = {m for m in modules if any(item.module is m and item.get_closest_marker("slow")
+                                          for item in items)}
+    rank = {m: (m not in has_slow, i) for i, m in enumerate(modules)}
+    items.sort(key=lambda item: rank[item.module])
