@@ -36,7 +36,13 @@ from typing import Any, NamedTuple
 from agents.finetune_config import CONFIGS, FinetuneConfig
 from agents.methods import METHODS
 from agents.protocols import Experiment
-from agents.tuning import check_grid, read_choice, trial_experiment, write_tuning_report
+from agents.tuning import (
+    check_grid,
+    n_trials,
+    read_choice,
+    trial_experiment,
+    write_tuning_report,
+)
 from envs import CW10, MT40, resolve_task, resolve_tasks
 from eva_rl.io import read_json_object, read_versioned_json, sha256_file, write_json_atomic
 from eva_rl.schema import check_known_fields
@@ -426,7 +432,7 @@ def tune_tier(tier: Tier, root: str | Path,
     if tier.tuning is None:
         return None
     paths = tier_paths(root)
-    for index in range(len(next(iter(tier.tuning.values())))):
+    for index in range(n_trials(tier)):
         run(*trial_experiment(tier, paths, index))
     return write_tuning_report(tier, paths)
 
@@ -779,10 +785,15 @@ def restore_cells(tier: Tier, root: str | Path, published: str | Path,
     checked, total = check_restore_source(tier, published, stage)
     check_same_base(root, published)
     targets = restore_sources(tier, root, stage)
-    for exp, run_root, _ in targets:
+    for (exp, run_root, _), (source, _) in zip(targets, checked, strict=True):
         check_run_dir(tier, root, exp, run_root)
+        diffs = exp.config.differences(source.config.to_dict())
+        if diffs:  # e.g. this run's tuning chose otherwise than the published one's
+            raise ValueError(f"{published}: its {stage} cells were trained with other "
+                             f"settings than this run's ({'; '.join(diffs[:3])}); they cannot "
+                             "be restored here")
     written = 0
-    for (exp, run_root, _), records in zip(targets, checked, strict=True):
+    for (exp, run_root, _), (_, records) in zip(targets, checked, strict=True):
         prepare_run_dir(run_root, exp, resume=True)
         for method, seed, rec in records:
             tdir = task_dir_of(run_dir_of(run_root, method, seed), rec["index"], rec["task"])
@@ -803,8 +814,7 @@ def restore_sources(tier: Tier, root: str | Path, stage: str
         if tier.tuning is None:
             return []
         paths = tier_paths(root)
-        trials = [trial_experiment(tier, paths, t)
-                  for t in range(len(next(iter(tier.tuning.values()))))]
+        trials = [trial_experiment(tier, paths, t) for t in range(n_trials(tier))]
         return [(exp, run_dir, run_dir.relative_to(paths.root).as_posix())
                 for exp, run_dir in trials]
     if stage not in RESTORABLE_STAGES:
@@ -814,12 +824,14 @@ def restore_sources(tier: Tier, root: str | Path, stage: str
 
 
 def check_restore_source(tier: Tier, published: str | Path, stage: str = "single"
-                         ) -> tuple[list[list[tuple[str, int, dict[str, Any]]]], int]:
+                         ) -> tuple[list[tuple[Experiment, list[tuple[str, int, dict[str, Any]]]]],
+                                    int]:
     """Check a published tier for `restore_cells` without writing anything: a directory
     whose ``tier.json`` is ``tier``, whose ``fingerprints.json`` and ``costs.json`` read,
     and whose ``stage`` records pass `agents.tier_records.published_records`. Returns,
-    per experiment of the stage (in `restore_sources`' order), its restorable records
-    ``[(method, seed, record)]``, and the stage's total of published records. A
+    per experiment of the stage (in `restore_sources`' order), the experiment as published
+    and its restorable records ``[(method, seed, record)]``, and the stage's total of
+    published records. A
     ``ValueError`` naming the file and the problem otherwise."""
     from agents.tier_records import published_records
 
@@ -837,7 +849,7 @@ def check_restore_source(tier: Tier, published: str | Path, stage: str = "single
     checked, total = [], 0
     for exp, _, sub in restore_sources(tier, published, stage):
         records, n = published_records(exp, exp.seeds, published / sub / "results.json")
-        checked.append(records)
+        checked.append((exp, records))
         total += n
     return checked, total
 

@@ -265,6 +265,11 @@ def publish(tier: Tier, out: Path, dest: Path, overwrite: bool = False,
         return _copy_outputs(tier, out, dest, digests)
 
 
+def _publish_results(src: Path, target: Path, digests: dict[str, str]) -> Path:
+    """``src`` (a ``results.json``) copied to ``target`` with its records' digests."""
+    return write_json_atomic(target, {**load_results(src), DIGESTS_KEY: digests})
+
+
 def _copy_outputs(tier: Tier, out: Path, dest: Path,
                   digests: dict[str, dict[str, str]]) -> list[Path]:
     copied = []
@@ -282,8 +287,7 @@ def _copy_outputs(tier: Tier, out: Path, dest: Path,
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             if name == "results.json" and sub in digests:
-                results = {**load_results(src), DIGESTS_KEY: digests[sub]}
-                write_json_atomic(target, results)
+                _publish_results(src, target, digests[sub])
             elif src.is_dir():
                 shutil.copytree(src, target, dirs_exist_ok=True)
             else:
@@ -298,9 +302,7 @@ def _copy_outputs(tier: Tier, out: Path, dest: Path,
         if sub.startswith(f"{TUNING_DIR}/"):
             target = dest / sub / "results.json"
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(target, {**load_results(out / sub / "results.json"),
-                                       DIGESTS_KEY: digests[sub]})
-            copied.append(target)
+            copied.append(_publish_results(out / sub / "results.json", target, digests[sub]))
     return copied
 
 

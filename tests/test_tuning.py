@@ -14,7 +14,7 @@ from test_tiers import tiny_tier
 
 from agents.runs import read_experiment
 from agents.tier_records import DIGESTS_KEY
-from agents.tiers import Tier, get_tier, tier_paths, write_tier_file
+from agents.tiers import Tier, get_tier, restore_cells, tier_paths, write_tier_file
 from agents.tuning import (
     CHOICE_FILE,
     PLOT_FILE,
@@ -120,6 +120,15 @@ def test_the_tune_stage_chooses_and_the_reported_stages_train_with_it(tmp_path):
     assert f"restored {cells} finished tune task records" in restored.stderr
     assert read_choice(again, tier) == choice
     assert not list((again / TUNING_DIR).rglob("*.safetensors"))  # nothing was trained
+    # published cells trained with settings this run's choice does not hold are refused
+    path = again / TUNING_DIR / CHOICE_FILE
+    edited = json.loads(path.read_text())
+    other = 1 - edited["chosen"]["lora"]["trial"]
+    edited["chosen"]["lora"].update(trial=other, settings=GRID["lora"][other])
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="single cells were trained with other settings"):
+        restore_cells(tier, again, pub, "single")
+    assert not (again / "single").exists()  # refused before anything was written
     # a published tuned cell reproduces with the published choice
     same = run_script("reproduce", ["--results", str(pub), "--method", "eva", "--task",
                                     "window-close", "--seed", "0", "--work",

@@ -45,10 +45,8 @@ class LoraVariant:
         """The tensors a saved adapter of this variant holds on one layer, by name, and their
         shapes. ``names`` are the ones found: a LoRA given A and B (CorDA, LoRA-GA) keeps
         PiSSA's frozen offset too."""
-        shapes = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
-        if any(n.startswith("lora_offset_") for n in names):
-            shapes.update(lora_offset_A=(rank, in_features), lora_offset_B=(out_features, rank))
-        return shapes
+        offset = any(n.startswith("lora_offset_") for n in names)
+        return _lora_shapes(rank, in_features, out_features, offset)
 
     def init(
         self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
@@ -110,7 +108,7 @@ class DoraVariant(LoraVariant):
     def tensor_shapes(self, rank: int, in_features: int, out_features: int,
                       names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
         """LoRA's pair and the magnitude vector (out,)."""
-        return {**super().tensor_shapes(rank, in_features, out_features),
+        return {**_lora_shapes(rank, in_features, out_features),
                 "lora_magnitude_vector": (out_features,)}
 
     def forward(self, layer: AdapterLinear, name: str, x: Tensor) -> Tensor:
@@ -152,7 +150,7 @@ class _WeightDrivenVariant(LoraVariant):
     def tensor_shapes(self, rank: int, in_features: int, out_features: int,
                       names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
         """LoRA's pair and its frozen offset (always)."""
-        return super().tensor_shapes(rank, in_features, out_features, ("lora_offset_A",))
+        return _lora_shapes(rank, in_features, out_features, offset=True)
 
 
 class PissaVariant(_WeightDrivenVariant):
@@ -203,8 +201,7 @@ class AdaLoraVariant(LoraVariant):
     def tensor_shapes(self, rank: int, in_features: int, out_features: int,
                       names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
         """Q (r, in), P (out, r) and Λ (r, 1)."""
-        return {**super().tensor_shapes(rank, in_features, out_features),
-                "lora_E": (rank, 1)}
+        return {**_lora_shapes(rank, in_features, out_features), "lora_E": (rank, 1)}
 
     def init(
         self, layer: AdapterLinear, path: str, rank: int, scaling: float, lora_A: Tensor | None
@@ -342,6 +339,15 @@ class _DoraLinear(torch.autograd.Function):
 def _dropping(layer: AdapterLinear, name: str) -> bool:
     """Whether adapter `name`'s dropout is active now."""
     return layer.training and isinstance(layer.lora_dropout[name], torch.nn.Dropout)
+
+
+def _lora_shapes(rank: int, in_features: int, out_features: int, offset: bool = False
+                 ) -> dict[str, tuple[int, ...]]:
+    """`lora_A` (r, in) and `lora_B` (out, r), with the frozen offset's pair when ``offset``."""
+    shapes = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
+    if offset:
+        shapes.update(lora_offset_A=(rank, in_features), lora_offset_B=(out_features, rank))
+    return shapes
 
 
 def _with_offset(a: Tensor, b: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
